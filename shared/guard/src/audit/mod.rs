@@ -5,6 +5,7 @@
 //! (a keyed hash), people by their JWT subject.
 
 pub mod chain;
+pub mod fhir;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
