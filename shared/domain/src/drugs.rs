@@ -48,7 +48,9 @@ impl FromStr for Schedule {
             "CIII" => Ok(Schedule::III),
             "CIV" => Ok(Schedule::IV),
             "CV" => Ok(Schedule::V),
-            other => Err(format!("unknown DEA schedule '{other}' (use CII, CIII, CIV or CV)")),
+            other => Err(format!(
+                "unknown DEA schedule '{other}' (use CII, CIII, CIV or CV)"
+            )),
         }
     }
 }
@@ -367,7 +369,10 @@ mod tests {
         ] {
             let found = factor(ingredient);
             assert!(!found.is_empty(), "no opioid product with {ingredient}");
-            assert!(found.iter().all(|x| *x == Some(f)), "{ingredient}: {found:?}");
+            assert!(
+                found.iter().all(|x| *x == Some(f)),
+                "{ingredient}: {found:?}"
+            );
         }
         // The guideline gives buprenorphine no MME factor.
         assert!(factor("buprenorphine").iter().all(|x| x.is_none()));
@@ -393,7 +398,10 @@ mod tests {
             ("amphetamine", Schedule::II),
             ("methylphenidate", Schedule::II),
         ] {
-            let products: Vec<_> = t.products().filter(|p| p.has_ingredient(ingredient)).collect();
+            let products: Vec<_> = t
+                .products()
+                .filter(|p| p.has_ingredient(ingredient))
+                .collect();
             assert!(!products.is_empty(), "{ingredient} missing");
             assert!(
                 products.iter().all(|p| p.schedule == Some(schedule)),
@@ -416,7 +424,9 @@ mod tests {
         assert_eq!(i.severity, Severity::High);
         assert_eq!(i.source, "onc-high-priority");
         assert_eq!(
-            t.interaction("Clarithromycin", "simvastatin").unwrap().summary,
+            t.interaction("Clarithromycin", "simvastatin")
+                .unwrap()
+                .summary,
             i.summary
         );
     }

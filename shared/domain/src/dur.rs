@@ -387,14 +387,14 @@ fn opioid_benzodiazepine(
     other: &OtherOrder<'_>,
     other_product: &Product,
 ) -> Option<Alert> {
-    let (opioid, benzo) = if product.has_class("opioid") && other_product.has_class("benzodiazepine")
-    {
-        (product, other_product)
-    } else if product.has_class("benzodiazepine") && other_product.has_class("opioid") {
-        (other_product, product)
-    } else {
-        return None;
-    };
+    let (opioid, benzo) =
+        if product.has_class("opioid") && other_product.has_class("benzodiazepine") {
+            (product, other_product)
+        } else if product.has_class("benzodiazepine") && other_product.has_class("opioid") {
+            (other_product, product)
+        } else {
+            return None;
+        };
     Some(Alert {
         kind: AlertKind::OpioidBenzodiazepine,
         severity: Severity::High,
@@ -666,7 +666,12 @@ mod tests {
         let alerts = run(&order(OXY_10, Some(4.0)), &[], &[]);
         assert_eq!(kinds(&alerts), [(AlertKind::HighMme, Severity::Moderate)]);
         let ev = &alerts[0].evidence;
-        assert!(ev[0].detail.contains("10 mg × 4 tablet/day × 1.5 = 60 MME/day"), "{ev:?}");
+        assert!(
+            ev[0]
+                .detail
+                .contains("10 mg × 4 tablet/day × 1.5 = 60 MME/day"),
+            "{ev:?}"
+        );
         assert_eq!(ev.last().unwrap().detail, "total: 60 MME/day");
     }
 
@@ -745,7 +750,10 @@ mod tests {
             last_fill: None,
         }];
         let alerts = run(&order(SIMVASTATIN_20, Some(1.0)), &others, &[]);
-        assert_eq!(kinds(&alerts), [(AlertKind::DrugInteraction, Severity::High)]);
+        assert_eq!(
+            kinds(&alerts),
+            [(AlertKind::DrugInteraction, Severity::High)]
+        );
         assert!(alerts[0].message.contains("ONC high-priority"));
         assert!(alerts[0].message.contains("rhabdomyolysis"));
         assert_eq!(alerts[0].evidence[0].reference.as_deref(), Some("rx-clari"));
@@ -810,7 +818,11 @@ mod tests {
     fn penicillin_class_allergy_matches_amoxicillin() {
         for text in ["Penicillin", "penicillins", "Penicillin (substance)"] {
             let alerts = run(&order(AMOXICILLIN, Some(3.0)), &[], &[allergy(text)]);
-            assert_eq!(kinds(&alerts), [(AlertKind::Allergy, Severity::High)], "{text}");
+            assert_eq!(
+                kinds(&alerts),
+                [(AlertKind::Allergy, Severity::High)],
+                "{text}"
+            );
             assert!(alerts[0].evidence[0].detail.contains("class penicillin"));
         }
     }
@@ -870,11 +882,20 @@ mod tests {
             last_fill: Some(&f),
         }];
         let alerts = run(&order(LISINOPRIL, Some(1.0)), &others, &[]);
-        assert_eq!(kinds(&alerts), [(AlertKind::EarlyRefill, Severity::Moderate)]);
+        assert_eq!(
+            kinds(&alerts),
+            [(AlertKind::EarlyRefill, Severity::Moderate)]
+        );
         let a = &alerts[0];
-        assert!(a.message.contains("15 day(s) ago for a 30-day supply"), "{}", a.message);
+        assert!(
+            a.message.contains("15 day(s) ago for a 30-day supply"),
+            "{}",
+            a.message
+        );
         assert!(a.message.contains("only 50%"), "{}", a.message);
-        assert!(a.evidence[0].detail.contains("15 of 30 days elapsed = 50% used"));
+        assert!(a.evidence[0]
+            .detail
+            .contains("15 of 30 days elapsed = 50% used"));
     }
 
     #[test]

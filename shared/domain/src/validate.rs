@@ -6,7 +6,9 @@
 
 use crate::drugs::{DrugTable, Product, Schedule};
 use crate::ids::{normalize_ndc, npi_check, parse_dea};
-use crate::{MedicationOrder, PrescriberRecord, PrescriberRef, PrescriptionRecord, Reason, Validation};
+use crate::{
+    MedicationOrder, PrescriberRecord, PrescriberRef, PrescriptionRecord, Reason, Validation,
+};
 use chrono::{DateTime, Duration, Utc};
 
 /// Configurable limits.
@@ -73,7 +75,9 @@ fn status_reason(status: &str) -> Reason {
         "entered-in-error" => "it was recorded by mistake and is not a prescription",
         "draft" => "the prescriber has not signed it yet",
         "on-hold" => "the prescriber has put it on hold; dispense only after it is released",
-        "unknown" => "the sender does not know whether it is still valid; confirm with the prescriber",
+        "unknown" => {
+            "the sender does not know whether it is still valid; confirm with the prescriber"
+        }
         "" => "the status is missing; only an active order may be dispensed",
         _ => "only an active order may be dispensed",
     };
@@ -130,7 +134,11 @@ pub fn validate(
     }
     if order.medication.rxnorm.is_none()
         && order.medication.ndc.is_none()
-        && order.medication.display.as_deref().is_none_or(|d| d.trim().is_empty())
+        && order
+            .medication
+            .display
+            .as_deref()
+            .is_none_or(|d| d.trim().is_empty())
     {
         reject.push(Reason::new(
             "drug-missing",
@@ -437,7 +445,10 @@ mod tests {
 
     #[test]
     fn complete_non_controlled_order_is_valid() {
-        assert_eq!(run(&order(LISINOPRIL), Some(&doctor(None))), Validation::Valid);
+        assert_eq!(
+            run(&order(LISINOPRIL), Some(&doctor(None))),
+            Validation::Valid
+        );
     }
 
     #[test]
@@ -713,14 +724,19 @@ mod tests {
     #[test]
     fn unknown_product_is_not_a_validation_failure() {
         // DUR raises an unknown-product alert for the pharmacist instead.
-        assert_eq!(run(&order("999999999"), Some(&doctor(None))), Validation::Valid);
+        assert_eq!(
+            run(&order("999999999"), Some(&doctor(None))),
+            Validation::Valid
+        );
     }
 
     #[test]
     fn reason_messages_name_no_drug() {
         let v = run(&order(MEPERIDINE), Some(&doctor(None)));
         let Validation::Rejected(r) = v else { panic!() };
-        assert!(r.iter().all(|r| !r.message.to_lowercase().contains("meperidine")));
+        assert!(r
+            .iter()
+            .all(|r| !r.message.to_lowercase().contains("meperidine")));
     }
 
     fn record(rxnorm: &str, refills: u32, fills: &[(u32, bool)]) -> PrescriptionRecord {
