@@ -341,7 +341,7 @@ fn medication_code(cc: &Obj, path: &str) -> Result<MedicationCode, FhirError> {
                 m.rxnorm = Some(code.trim().to_owned());
             }
             (Some(NDC | NDC_OID), Some(code)) if m.ndc.is_none() => {
-                m.ndc = Some(normalize_ndc(code).ok_or_else(|| {
+                m.ndc = Some(crate::ids::normalize_ndc(code).map_err(|_| {
                     err(
                         at(&cp, "code"),
                         "is not an NDC: use 10 digits with hyphens (4-4-2, 5-3-2, 5-4-1) or 11 digits",
@@ -361,27 +361,6 @@ fn medication_code(cc: &Obj, path: &str) -> Result<MedicationCode, FhirError> {
         ));
     }
     Ok(m)
-}
-
-/// 10-digit hyphenated NDC (4-4-2, 5-3-2, 5-4-1) or 11 digits → 11 digits (5-4-2).
-// TODO(ids): switch to crate::ids::normalize_ndc once it lands; kept private to avoid two APIs.
-fn normalize_ndc(s: &str) -> Option<String> {
-    let s = s.trim();
-    let all_digits = |p: &str| p.bytes().all(|b| b.is_ascii_digit());
-    let parts: Vec<&str> = s.split('-').collect();
-    match parts.as_slice() {
-        [whole] if whole.len() == 11 && all_digits(whole) => Some((*whole).to_owned()),
-        [a, b, c] if all_digits(a) && all_digits(b) && all_digits(c) => {
-            match (a.len(), b.len(), c.len()) {
-                (5, 4, 2) => Some(format!("{a}{b}{c}")),
-                (4, 4, 2) => Some(format!("0{a}{b}{c}")),
-                (5, 3, 2) => Some(format!("{a}0{b}{c}")),
-                (5, 4, 1) => Some(format!("{a}{b}0{c}")),
-                _ => None,
-            }
-        }
-        _ => None,
-    }
 }
 
 fn quantity_unit(q: &Obj, path: &str) -> Result<Option<String>, FhirError> {
@@ -742,25 +721,6 @@ pub(crate) fn allergy(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ten_digit_ndcs_normalize_to_eleven() {
-        assert_eq!(
-            normalize_ndc("0574-4072-05").as_deref(),
-            Some("00574407205")
-        );
-        assert_eq!(
-            normalize_ndc("51655-089-52").as_deref(),
-            Some("51655008952")
-        );
-        assert_eq!(
-            normalize_ndc("58118-1397-3").as_deref(),
-            Some("58118139703")
-        );
-        assert_eq!(normalize_ndc("00574407205").as_deref(), Some("00574407205"));
-        assert_eq!(normalize_ndc("0574407205"), None);
-        assert_eq!(normalize_ndc("12-34-56"), None);
-    }
 
     #[test]
     fn supply_durations_convert_to_days() {
