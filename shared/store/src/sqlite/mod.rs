@@ -1,0 +1,751 @@
+//! The embedded adapter: one SQLite file (WAL) holding every table, the transitions, the
+//! hash-chained audit trail and the checkpoints.
+//!
+//! One [`rusqlite::Connection`] sits behind a [`std::sync::Mutex`]; every method takes the lock,
+//! does its work synchronously and lets go before returning, so no lock is held across an
+//! `.await`. A change set is one transaction, or, inside a batch ([`SqliteStore::begin_batch`]),
+//! one savepoint of the batch's long transaction: a failed change set leaves nothing behind and
+//! the rest of the batch stands. Inside a batch, writes become durable at
+//! [`SqliteStore::end_batch`].
+//!
+//! The audit, transitions and checkpoints tables are append-only: triggers refuse UPDATE and
+//! DELETE. Each audit event is chained to the one before it, read from the table inside the same
+//! transaction (never from a cached head), so a rolled-back change set cannot leave a gap.
+
+mod error;
+mod schema;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, SecondsFormat, Utc};
+use rusqlite::types::{Type, Value};
+use rusqlite::{params, params_from_iter, Connection, OptionalExtension};
+
+use rx_guard::audit::{AuditEvent, AuditQuery, AuditSink, ChainedEvent};
+use rx_guard::GuardError;
+
+use crate::port::{
+    Changes, CheckpointRow, RecordStore, Row, StoreError, StoreResult, Table, TransitionRow, Write,
+};
+use error::map;
+use schema::{table_slot, TableSql};
+
+/// How long a statement waits for a lock held by another process before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Enough for every per-table statement, the fixed ones and the audit search variants.
+const STATEMENT_CACHE: usize = 256;
+
+/// The SQLite record store and audit sink.
+pub struct SqliteStore {
+    path: PathBuf,
+    inner: Mutex<Inner>,
+}
+
+struct Inner {
+    conn: Connection,
+    tables: [TableSql; 5],
+    /// A batch transaction is open.
+    in_batch: bool,
+    /// A change set (transaction or savepoint) is open: only true while a method runs, so it is
+    /// seen true only after a panic poisoned the lock.
+    in_unit: bool,
+}
+
+impl SqliteStore {
+    /// Opens the store at `path`, creating the file (mode 0600) and the schema on first use.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|_| {
+                StoreError::Unavailable(format!(
+                    "cannot create the data directory {}; check its parent exists and is writable",
+                    dir.display()
+                ))
+            })?;
+        }
+        create_private_file(path)?;
+        let what = "opening the store";
+        let conn = Connection::open(path).map_err(|e| map(what, e))?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(|e| map(what, e))?;
+        let mode: String = conn
+            .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
+            .map_err(|e| map(what, e))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::Unavailable(format!(
+                "{what}: the file system refused write-ahead logging (journal mode {mode}); put \
+                 the data directory on a local disk"
+            )));
+        }
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(|e| map(what, e))?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(|e| map(what, e))?;
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+        ensure_schema(&conn)?;
+        Ok(SqliteStore {
+            path: path.to_path_buf(),
+            inner: Mutex::new(Inner {
+                conn,
+                tables: schema::all_table_sql(),
+                in_batch: false,
+                in_unit: false,
+            }),
+        })
+    }
+
+    /// The file this store lives in.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Opens one long transaction: every later [`RecordStore::commit`] and
+    /// [`AuditSink::append`] becomes a savepoint inside it, until [`SqliteStore::end_batch`].
+    pub fn begin_batch(&self) -> StoreResult<()> {
+        let mut inner = self.lock();
+        if inner.in_batch {
+            return Err(StoreError::Unavailable(
+                "a batch is already open on this store; end it before beginning another".into(),
+            ));
+        }
+        exec(&inner.conn, "BEGIN IMMEDIATE").map_err(|e| map("beginning a batch", e))?;
+        inner.in_batch = true;
+        Ok(())
+    }
+
+    /// Commits the open batch: everything committed inside it becomes durable.
+    pub fn end_batch(&self) -> StoreResult<()> {
+        let mut inner = self.lock();
+        if !inner.in_batch {
+            return Err(StoreError::Unavailable(
+                "no batch is open on this store; call begin_batch first".into(),
+            ));
+        }
+        inner.in_batch = false;
+        if let Err(e) = exec(&inner.conn, "COMMIT") {
+            rollback_if_open(&inner.conn);
+            return Err(map("committing a batch (its change sets are lost)", e));
+        }
+        Ok(())
+    }
+
+    /// Takes the lock. If a task panicked while holding it, undo the change set it left open
+    /// (only that one: the batch's earlier change sets stand) and carry on.
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        match self.inner.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => {
+                let mut guard = poisoned.into_inner();
+                if guard.in_unit {
+                    if guard.in_batch {
+                        let _ = guard
+                            .conn
+                            .execute_batch("ROLLBACK TO change_set; RELEASE change_set");
+                    } else {
+                        rollback_if_open(&guard.conn);
+                    }
+                    guard.in_unit = false;
+                }
+                self.inner.clear_poison();
+                guard
+            }
+        }
+    }
+
+    /// Runs `f` as one change set: all of its writes or none.
+    fn unit<T>(
+        &self,
+        what: &str,
+        f: impl FnOnce(&Connection, &[TableSql; 5]) -> StoreResult<T>,
+    ) -> StoreResult<T> {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let batch = inner.in_batch;
+        let begin = if batch {
+            "SAVEPOINT change_set"
+        } else {
+            "BEGIN IMMEDIATE"
+        };
+        exec(&inner.conn, begin).map_err(|e| map(what, e))?;
+        inner.in_unit = true;
+        let result = f(&inner.conn, &inner.tables).and_then(|v| {
+            let end = if batch {
+                "RELEASE change_set"
+            } else {
+                "COMMIT"
+            };
+            exec(&inner.conn, end).map_err(|e| map(what, e))?;
+            Ok(v)
+        });
+        if result.is_err() {
+            if batch {
+                let _ = exec(&inner.conn, "ROLLBACK TO change_set");
+                let _ = exec(&inner.conn, "RELEASE change_set");
+            } else {
+                rollback_if_open(&inner.conn);
+            }
+        }
+        inner.in_unit = false;
+        result
+    }
+
+    /// Runs a read-only query.
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&Connection, &[TableSql; 5]) -> rusqlite::Result<T>,
+        what: &str,
+    ) -> StoreResult<T> {
+        let inner = self.lock();
+        f(&inner.conn, &inner.tables).map_err(|e| map(what, e))
+    }
+}
+
+impl Drop for SqliteStore {
+    /// A batch still open is committed: each of its change sets is complete on its own.
+    fn drop(&mut self) {
+        let inner = match self.inner.get_mut() {
+            Ok(inner) => inner,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if inner.in_batch && !inner.in_unit && inner.conn.execute_batch("COMMIT").is_err() {
+            tracing::error!(
+                store = %self.path.display(),
+                "the open batch could not be committed when the store was closed"
+            );
+        }
+    }
+}
+
+#[cfg(unix)]
+fn create_private_file(path: &Path) -> StoreResult<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(_) => Err(StoreError::Unavailable(format!(
+            "cannot create the store file {}; check the data directory is writable",
+            path.display()
+        ))),
+    }
+}
+
+#[cfg(not(unix))]
+fn create_private_file(_path: &Path) -> StoreResult<()> {
+    Ok(())
+}
+
+/// Creates or migrates the schema, refusing a file written by a newer version.
+fn ensure_schema(conn: &Connection) -> StoreResult<()> {
+    let what = "preparing the store schema";
+    let version = |c: &Connection| -> StoreResult<i64> {
+        c.pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(|e| map(what, e))
+    };
+    let found = version(conn)?;
+    if found == schema::SCHEMA_VERSION {
+        return Ok(());
+    }
+    if found > schema::SCHEMA_VERSION {
+        return Err(StoreError::Corrupt(format!(
+            "the store was written by a newer rxflow (schema {found}, this build reads up to {}); \
+             upgrade rxflow",
+            schema::SCHEMA_VERSION
+        )));
+    }
+    conn.execute_batch("BEGIN IMMEDIATE")
+        .map_err(|e| map(what, e))?;
+    // Another process may have migrated it while we waited for the lock.
+    let result = version(conn).and_then(|now| {
+        if now < schema::SCHEMA_VERSION {
+            schema::migrate(conn, now).map_err(|e| map(what, e))?;
+        }
+        conn.execute_batch("COMMIT").map_err(|e| map(what, e))
+    });
+    if result.is_err() {
+        rollback_if_open(conn);
+    }
+    result
+}
+
+fn exec(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(|_| ())
+}
+
+fn rollback_if_open(conn: &Connection) {
+    if !conn.is_autocommit() {
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+}
+
+/// Fixed-width RFC 3339 (nanoseconds, `Z`), so text order is time order.
+fn ts(at: &DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(SecondsFormat::Nanos, true)
+}
+
+fn parse_ts(col: usize, text: String) -> rusqlite::Result<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(&text)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(col, Type::Text, Box::new(e)))
+}
+
+fn to_i64(n: u64, what: &str) -> StoreResult<i64> {
+    i64::try_from(n).map_err(|_| {
+        StoreError::Conflict(format!(
+            "{what} {n} is beyond what the store can hold; check the caller"
+        ))
+    })
+}
+
+fn to_u64(col: usize, n: i64) -> rusqlite::Result<u64> {
+    u64::try_from(n).map_err(|_| rusqlite::Error::IntegralValueOutOfRange(col, n))
+}
+
+fn limit(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn hash32(col: usize, bytes: Vec<u8>) -> rusqlite::Result<[u8; 32]> {
+    let len = bytes.len();
+    <[u8; 32]>::try_from(bytes).map_err(|_| {
+        rusqlite::Error::FromSqlConversionFailure(
+            col,
+            Type::Blob,
+            format!("expected a 32-byte hash, found {len} bytes").into(),
+        )
+    })
+}
+
+fn read_row(table: Table, r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
+    Ok(Row {
+        table,
+        id: r.get(0)?,
+        tenant: r.get(1)?,
+        status: r.get(2)?,
+        version: to_u64(3, r.get(3)?)?,
+        created_at: parse_ts(4, r.get(4)?)?,
+        updated_at: parse_ts(5, r.get(5)?)?,
+        index: r.get(6)?,
+        key: r.get(7)?,
+        sealed: r.get(8)?,
+    })
+}
+
+fn read_chained(r: &rusqlite::Row<'_>) -> rusqlite::Result<ChainedEvent> {
+    Ok(ChainedEvent {
+        seq: to_u64(0, r.get(0)?)?,
+        body: r.get(1)?,
+        prev_hash: hash32(2, r.get(2)?)?,
+        hash: hash32(3, r.get(3)?)?,
+    })
+}
+
+fn apply_write(conn: &Connection, tables: &[TableSql; 5], write: &Write) -> StoreResult<()> {
+    match write {
+        Write::Insert(row) => {
+            let t = row.table.as_str();
+            let what = "inserting a record";
+            let version = to_i64(row.version, "version")?;
+            let changed = conn
+                .prepare_cached(&tables[table_slot(row.table)].insert)
+                .and_then(|mut s| {
+                    s.execute(params![
+                        row.id,
+                        row.tenant,
+                        row.status,
+                        version,
+                        ts(&row.created_at),
+                        ts(&row.updated_at),
+                        row.index,
+                        row.key,
+                        row.sealed,
+                    ])
+                })
+                .map_err(|e| map(what, e))?;
+            if changed == 0 {
+                return Err(StoreError::Conflict(format!(
+                    "{t} record {} or its source key already exists in tenant {}; read the \
+                     existing record instead of creating it again",
+                    row.id, row.tenant
+                )));
+            }
+            Ok(())
+        }
+        Write::Update {
+            row,
+            expected_version,
+        } => {
+            let t = row.table.as_str();
+            if expected_version.checked_add(1) != Some(row.version) {
+                return Err(StoreError::Conflict(format!(
+                    "{t} record {}: an update from version {expected_version} must write version \
+                     {}, not {}; fix the caller",
+                    row.id,
+                    expected_version.saturating_add(1),
+                    row.version
+                )));
+            }
+            let version = to_i64(row.version, "version")?;
+            let expected = to_i64(*expected_version, "version")?;
+            let changed = conn
+                .prepare_cached(&tables[table_slot(row.table)].update)
+                .and_then(|mut s| {
+                    s.execute(params![
+                        row.id,
+                        row.tenant,
+                        row.status,
+                        version,
+                        ts(&row.updated_at),
+                        row.index,
+                        row.key,
+                        row.sealed,
+                        expected,
+                    ])
+                })
+                .map_err(|e| map("updating a record", e))?;
+            if changed != 1 {
+                return Err(StoreError::Conflict(format!(
+                    "{t} record {} in tenant {} is no longer at version {expected_version} (or \
+                     does not exist); read it again and retry",
+                    row.id, row.tenant
+                )));
+            }
+            Ok(())
+        }
+    }
+}
+
+fn insert_transition(conn: &Connection, tr: &TransitionRow) -> StoreResult<()> {
+    let version = to_i64(tr.version, "transition version")?;
+    conn.prepare_cached(schema::INSERT_TRANSITION)
+        .and_then(|mut s| {
+            s.execute(params![
+                tr.rx_id,
+                tr.tenant,
+                version,
+                tr.from,
+                tr.to,
+                ts(&tr.at),
+                tr.actor,
+                tr.function,
+            ])
+        })
+        .map(|_| ())
+        .map_err(|e| map("recording a transition", e))
+}
+
+/// Appends `events` to the chain, reading its head from the table inside the open transaction.
+fn append_events(conn: &Connection, events: &[AuditEvent]) -> StoreResult<()> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let what = "appending audit events";
+    let head = conn
+        .prepare_cached(schema::AUDIT_HEAD)
+        .and_then(|mut s| {
+            s.query_row([], |r| Ok((r.get::<_, i64>(0)?, hash32(1, r.get(1)?)?)))
+                .optional()
+        })
+        .map_err(|e| map(what, e))?;
+    let (mut seq, mut prev) = head.unwrap_or((0, chain::GENESIS));
+    let mut insert = conn
+        .prepare_cached(schema::INSERT_AUDIT)
+        .map_err(|e| map(what, e))?;
+    for event in events {
+        let body = event.canonical_bytes();
+        let hash = chain::link(&prev, &body);
+        seq += 1;
+        insert
+            .execute(params![
+                seq,
+                event.id,
+                ts(&event.at),
+                event.actor.subject,
+                event.action.as_str(),
+                event.resource.id,
+                event.patient,
+                event.break_glass,
+                body,
+                &prev[..],
+                &hash[..],
+            ])
+            .map_err(|e| map(what, e))?;
+        prev = hash;
+    }
+    Ok(())
+}
+
+/// The chain function. TODO: swap for `rx_guard::audit::chain::{link, GENESIS}` once rx-guard's
+/// chain.rs lands (same construction: SHA-256 of the domain tag, the previous hash, the body).
+mod chain {
+    use aws_lc_rs::digest;
+
+    pub(super) const GENESIS: [u8; 32] = [0u8; 32];
+
+    pub(super) fn link(prev: &[u8; 32], body: &[u8]) -> [u8; 32] {
+        let mut ctx = digest::Context::new(&digest::SHA256);
+        ctx.update(b"rxflow-audit-v1");
+        ctx.update(prev);
+        ctx.update(body);
+        let mut out = [0u8; 32];
+        out.copy_from_slice(ctx.finish().as_ref());
+        out
+    }
+}
+
+#[async_trait]
+impl AuditSink for SqliteStore {
+    async fn append(&self, events: &[AuditEvent]) -> rx_guard::Result<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        self.unit("appending audit events", |conn, _| {
+            append_events(conn, events)
+        })
+        .map_err(|e| GuardError::AuditUnavailable(e.to_string()))
+    }
+}
+
+#[async_trait]
+impl RecordStore for SqliteStore {
+    async fn get(&self, table: Table, tenant: &str, id: &str) -> StoreResult<Option<Row>> {
+        self.read(
+            |conn, tables| {
+                conn.prepare_cached(&tables[table_slot(table)].get)?
+                    .query_row(params![id, tenant], |r| read_row(table, r))
+                    .optional()
+            },
+            "reading a record",
+        )
+    }
+
+    async fn get_by_key(
+        &self,
+        table: Table,
+        tenant: &str,
+        key: &[u8],
+    ) -> StoreResult<Option<Row>> {
+        self.read(
+            |conn, tables| {
+                conn.prepare_cached(&tables[table_slot(table)].get_by_key)?
+                    .query_row(params![tenant, key], |r| read_row(table, r))
+                    .optional()
+            },
+            "reading a record by source key",
+        )
+    }
+
+    async fn find_by_index(
+        &self,
+        table: Table,
+        tenant: &str,
+        index: &[u8],
+    ) -> StoreResult<Vec<Row>> {
+        self.read(
+            |conn, tables| {
+                conn.prepare_cached(&tables[table_slot(table)].find_by_index)?
+                    .query_map(params![tenant, index], |r| read_row(table, r))?
+                    .collect()
+            },
+            "finding records by blind index",
+        )
+    }
+
+    async fn list(
+        &self,
+        table: Table,
+        tenant: &str,
+        status: Option<&str>,
+        after: Option<&str>,
+        limit_rows: usize,
+    ) -> StoreResult<Vec<Row>> {
+        let n = limit(limit_rows);
+        self.read(
+            |conn, tables| {
+                let sql = &tables[table_slot(table)];
+                let map_row = |r: &rusqlite::Row<'_>| read_row(table, r);
+                match (status, after) {
+                    (None, None) => conn
+                        .prepare_cached(&sql.list)?
+                        .query_map(params![tenant, n], map_row)?
+                        .collect(),
+                    (None, Some(a)) => conn
+                        .prepare_cached(&sql.list_after)?
+                        .query_map(params![tenant, n, a], map_row)?
+                        .collect(),
+                    (Some(s), None) => conn
+                        .prepare_cached(&sql.list_status)?
+                        .query_map(params![tenant, n, s], map_row)?
+                        .collect(),
+                    (Some(s), Some(a)) => conn
+                        .prepare_cached(&sql.list_status_after)?
+                        .query_map(params![tenant, n, s, a], map_row)?
+                        .collect(),
+                }
+            },
+            "listing records",
+        )
+    }
+
+    async fn count_by_status(&self, table: Table) -> StoreResult<Vec<(String, u64)>> {
+        self.read(
+            |conn, tables| {
+                conn.prepare_cached(&tables[table_slot(table)].count_by_status)?
+                    .query_map([], |r| Ok((r.get(0)?, to_u64(1, r.get(1)?)?)))?
+                    .collect()
+            },
+            "counting records by status",
+        )
+    }
+
+    async fn commit(&self, changes: Changes) -> StoreResult<()> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        self.unit("committing a change set", |conn, tables| {
+            for write in &changes.writes {
+                apply_write(conn, tables, write)?;
+            }
+            for tr in &changes.transitions {
+                insert_transition(conn, tr)?;
+            }
+            append_events(conn, &changes.audit)
+        })
+    }
+
+    async fn transitions(&self, tenant: &str, rx_id: &str) -> StoreResult<Vec<TransitionRow>> {
+        self.read(
+            |conn, _| {
+                conn.prepare_cached(schema::SELECT_TRANSITIONS)?
+                    .query_map(params![tenant, rx_id], |r| {
+                        Ok(TransitionRow {
+                            rx_id: r.get(0)?,
+                            tenant: r.get(1)?,
+                            version: to_u64(2, r.get(2)?)?,
+                            from: r.get(3)?,
+                            to: r.get(4)?,
+                            at: parse_ts(5, r.get(5)?)?,
+                            actor: r.get(6)?,
+                            function: r.get(7)?,
+                        })
+                    })?
+                    .collect()
+            },
+            "reading transitions",
+        )
+    }
+
+    async fn audit_len(&self) -> StoreResult<u64> {
+        self.read(
+            |conn, _| {
+                conn.prepare_cached(schema::AUDIT_LEN)?
+                    .query_row([], |r| to_u64(0, r.get(0)?))
+            },
+            "counting audit events",
+        )
+    }
+
+    async fn audit_range(&self, from_seq: u64, limit_rows: usize) -> StoreResult<Vec<ChainedEvent>> {
+        let from = i64::try_from(from_seq).unwrap_or(i64::MAX);
+        let n = limit(limit_rows);
+        self.read(
+            |conn, _| {
+                conn.prepare_cached(schema::AUDIT_RANGE)?
+                    .query_map(params![from, n], read_chained)?
+                    .collect()
+            },
+            "reading audit events",
+        )
+    }
+
+    /// Criteria are ANDed; `from` and `to` are inclusive; a `limit` of 0 means no limit.
+    async fn audit_search(&self, query: &AuditQuery) -> StoreResult<Vec<ChainedEvent>> {
+        let mut sql = String::from("SELECT seq, body, prev, hash FROM audit WHERE 1 = 1");
+        let mut args: Vec<Value> = Vec::new();
+        let mut text = |sql: &mut String, column: &str, value: String| {
+            sql.push_str(&format!(" AND {column} ?"));
+            args.push(Value::Text(value));
+        };
+        if let Some(p) = &query.patient {
+            text(&mut sql, "patient =", p.clone());
+        }
+        if let Some(s) = &query.subject {
+            text(&mut sql, "subject =", s.clone());
+        }
+        if let Some(a) = query.action {
+            text(&mut sql, "action =", a.as_str().to_string());
+        }
+        if let Some(r) = &query.resource_id {
+            text(&mut sql, "resource_id =", r.clone());
+        }
+        if let Some(from) = &query.from {
+            text(&mut sql, "at >=", ts(from));
+        }
+        if let Some(to) = &query.to {
+            text(&mut sql, "at <=", ts(to));
+        }
+        if query.break_glass_only {
+            sql.push_str(" AND break_glass = 1");
+        }
+        sql.push_str(" ORDER BY seq");
+        if query.limit > 0 {
+            sql.push_str(" LIMIT ?");
+            args.push(Value::Integer(limit(query.limit)));
+        }
+        self.read(
+            |conn, _| {
+                conn.prepare_cached(&sql)?
+                    .query_map(params_from_iter(args.iter()), read_chained)?
+                    .collect()
+            },
+            "searching audit events",
+        )
+    }
+
+    /// Checkpoints are numbered 1, 2, 3 ...: one that does not follow the last is a conflict.
+    async fn put_checkpoint(&self, cp: &CheckpointRow) -> StoreResult<()> {
+        let number = to_i64(cp.number, "checkpoint number")?;
+        let first = to_i64(cp.first_seq, "checkpoint first_seq")?;
+        let last_seq = to_i64(cp.last_seq, "checkpoint last_seq")?;
+        self.unit("storing a checkpoint", |conn, _| {
+            let last: i64 = conn
+                .prepare_cached(schema::LAST_CHECKPOINT)
+                .and_then(|mut s| s.query_row([], |r| r.get(0)))
+                .map_err(|e| map("storing a checkpoint", e))?;
+            if number != last + 1 {
+                return Err(StoreError::Conflict(format!(
+                    "checkpoint {number} does not follow the last stored checkpoint {last}; \
+                     reload the checkpoints and seal again"
+                )));
+            }
+            conn.prepare_cached(schema::INSERT_CHECKPOINT)
+                .and_then(|mut s| s.execute(params![number, first, last_seq, cp.body]))
+                .map(|_| ())
+                .map_err(|e| map("storing a checkpoint", e))
+        })
+    }
+
+    async fn checkpoints(&self) -> StoreResult<Vec<CheckpointRow>> {
+        self.read(
+            |conn, _| {
+                conn.prepare_cached(schema::SELECT_CHECKPOINTS)?
+                    .query_map([], |r| {
+                        Ok(CheckpointRow {
+                            number: to_u64(0, r.get(0)?)?,
+                            first_seq: to_u64(1, r.get(1)?)?,
+                            last_seq: to_u64(2, r.get(2)?)?,
+                            body: r.get(3)?,
+                        })
+                    })?
+                    .collect()
+            },
+            "reading checkpoints",
+        )
+    }
+}
