@@ -15,6 +15,7 @@ pub mod fhir;
 pub mod ids;
 pub mod model;
 pub mod state;
+pub mod synth;
 pub mod validate;
 
 pub use model::*;
