@@ -9,7 +9,9 @@ use rx_guard::GuardError;
 const REASON: &str = "unresponsive patient in ED, need medication history";
 
 fn t0() -> DateTime<Utc> {
-    Utc.with_ymd_and_hms(2025, 6, 1, 22, 15, 0).single().expect("time")
+    Utc.with_ymd_and_hms(2025, 6, 1, 22, 15, 0)
+        .single()
+        .expect("time")
 }
 
 fn who(role: Role) -> Principal {
@@ -46,7 +48,8 @@ fn grant_needs_a_reason_of_at_least_ten_characters() {
         let m = forbidden(grant_break_glass(&p, bad, t0(), None));
         assert!(m.contains("reason"), "{m}");
     }
-    let g = grant_break_glass(&p, "  code blue bed 4  ", t0(), None).expect("ten characters and more");
+    let g =
+        grant_break_glass(&p, "  code blue bed 4  ", t0(), None).expect("ten characters and more");
     assert_eq!(g.reason, "code blue bed 4");
 }
 
@@ -54,7 +57,12 @@ fn grant_needs_a_reason_of_at_least_ten_characters() {
 fn refusal_does_not_echo_the_reason_text() {
     // A reason may name a patient: it must not come back in an error.
     let p = who(Role::Auditor);
-    let m = forbidden(grant_break_glass(&p, "Jane Roe DOB 1970-01-01 chart", t0(), None));
+    let m = forbidden(grant_break_glass(
+        &p,
+        "Jane Roe DOB 1970-01-01 chart",
+        t0(),
+        None,
+    ));
     assert!(!m.contains("Jane") && !m.contains("1970"), "{m}");
 }
 
@@ -77,7 +85,12 @@ fn grant_duration_is_bounded_to_sixty_minutes() {
     let p = who(Role::Prescriber);
     let g = grant_break_glass(&p, REASON, t0(), Some(Duration::minutes(15))).expect("15 min");
     assert_eq!(g.expires_at - g.granted_at, Duration::minutes(15));
-    for bad in [Duration::minutes(61), Duration::hours(8), Duration::zero(), Duration::minutes(-5)] {
+    for bad in [
+        Duration::minutes(61),
+        Duration::hours(8),
+        Duration::zero(),
+        Duration::minutes(-5),
+    ] {
         let m = forbidden(grant_break_glass(&p, REASON, t0(), Some(bad)));
         assert!(m.contains("60 minutes"), "{m}");
     }
@@ -100,15 +113,24 @@ fn a_new_request_makes_a_new_grant_and_never_extends_the_old_one() {
     let first = grant_break_glass(&p, REASON, t0(), None).expect("first");
     let holding = p.clone().with_break_glass(first.clone());
     let later = t0() + Duration::minutes(50);
-    let second = grant_break_glass(&holding, "still treating, need the history", later, None).expect("second");
+    let second = grant_break_glass(&holding, "still treating, need the history", later, None)
+        .expect("second");
     assert_ne!(second.id, first.id);
     assert_eq!(second.granted_at, later);
     assert_eq!(second.expires_at, later + Duration::minutes(60));
     // The first grant is untouched: it still ends at its own time.
-    assert_eq!(holding.break_glass.as_ref().map(|g| g.expires_at), Some(t0() + Duration::minutes(60)));
+    assert_eq!(
+        holding.break_glass.as_ref().map(|g| g.expires_at),
+        Some(t0() + Duration::minutes(60))
+    );
     let after_first = t0() + Duration::minutes(61);
     assert_eq!(
-        Policy::embedded().decide(&holding, Action::ListPatientPrescriptions, Some(&others_order()), after_first),
+        Policy::embedded().decide(
+            &holding,
+            Action::ListPatientPrescriptions,
+            Some(&others_order()),
+            after_first
+        ),
         Decision::Deny(DenyReason::BreakGlassExpired)
     );
 }
@@ -126,10 +148,16 @@ fn grant_widens_scope_only_until_it_expires() {
         Decision::Deny(DenyReason::BreakGlassExpired),
         "not yet active before granted_at"
     );
-    for at in [t0(), t0() + Duration::minutes(30), t0() + Duration::minutes(60) - Duration::seconds(1)] {
+    for at in [
+        t0(),
+        t0() + Duration::minutes(30),
+        t0() + Duration::minutes(60) - Duration::seconds(1),
+    ] {
         assert_eq!(
             policy.decide(&p, list, Some(&res), at),
-            Decision::Allow { via_break_glass: true },
+            Decision::Allow {
+                via_break_glass: true
+            },
             "{at}"
         );
     }
@@ -147,20 +175,36 @@ fn every_access_during_a_grant_is_flagged_and_none_outside_it() {
     // In normal scope without a grant: not flagged.
     assert_eq!(
         policy.decide(&p, Action::ReadPrescription, Some(&res), t0()),
-        Decision::Allow { via_break_glass: false }
+        Decision::Allow {
+            via_break_glass: false
+        }
     );
     let g = grant_break_glass(&p, REASON, t0(), None).expect("grant");
     let p = p.with_break_glass(g);
-    for action in [Action::ReadPrescription, Action::ListPatientPrescriptions, Action::DispensePrescription, Action::ReadQueue] {
+    for action in [
+        Action::ReadPrescription,
+        Action::ListPatientPrescriptions,
+        Action::DispensePrescription,
+        Action::ReadQueue,
+    ] {
         assert_eq!(
             policy.decide(&p, action, Some(&res), t0() + Duration::minutes(1)),
-            Decision::Allow { via_break_glass: true },
+            Decision::Allow {
+                via_break_glass: true
+            },
             "{action} during the grant"
         );
     }
     assert_eq!(
-        policy.decide(&p, Action::ReadPrescription, Some(&res), t0() + Duration::minutes(90)),
-        Decision::Allow { via_break_glass: false },
+        policy.decide(
+            &p,
+            Action::ReadPrescription,
+            Some(&res),
+            t0() + Duration::minutes(90)
+        ),
+        Decision::Allow {
+            via_break_glass: false
+        },
         "after expiry normal access is normal again"
     );
 }

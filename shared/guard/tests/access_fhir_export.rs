@@ -26,7 +26,10 @@ fn principal(role: Role) -> Principal {
 
 /// One event per audit action, outcome, purpose and break-glass variant, as the pipeline makes them.
 fn sample_events() -> Vec<AuditEvent> {
-    let at = Utc.with_ymd_and_hms(2025, 2, 3, 4, 5, 6).single().expect("time");
+    let at = Utc
+        .with_ymd_and_hms(2025, 2, 3, 4, 5, 6)
+        .single()
+        .expect("time");
     let rx = || ResourceRef {
         kind: "MedicationRequest".into(),
         id: "0194c8a0-1111-7000-8000-00000000abcd".into(),
@@ -44,7 +47,13 @@ fn sample_events() -> Vec<AuditEvent> {
     ];
     for (i, action) in actions.into_iter().enumerate() {
         let role = Role::ALL[i % Role::ALL.len()];
-        let mut e = AuditEvent::new(principal(role).actor(), action, rx(), "records", Purpose::Treatment);
+        let mut e = AuditEvent::new(
+            principal(role).actor(),
+            action,
+            rx(),
+            "records",
+            Purpose::Treatment,
+        );
         e.at = at;
         e.patient = Some("9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08".into());
         e.source_ip = Some("203.0.113.7".into());
@@ -68,7 +77,13 @@ fn sample_events() -> Vec<AuditEvent> {
         }
         out.push(e);
     }
-    let mut flagged_read = AuditEvent::new(principal(Role::Technician).actor(), Action::Read, rx(), "records", Purpose::Treatment);
+    let mut flagged_read = AuditEvent::new(
+        principal(Role::Technician).actor(),
+        Action::Read,
+        rx(),
+        "records",
+        Purpose::Treatment,
+    );
     flagged_read.break_glass = true;
     out.push(flagged_read);
     let mut audit_read = AuditEvent::new(
@@ -104,9 +119,18 @@ fn export_carries_who_what_when_where_outcome_and_purpose() {
     assert_eq!(agent["requestor"], true);
     assert_eq!(agent["network"]["address"], "203.0.113.7");
     assert_eq!(f["source"]["observer"]["identifier"]["value"], "records");
-    assert_eq!(f["entity"][0]["what"]["reference"], format!("MedicationRequest/{}", read.resource.id));
-    assert_eq!(f["entity"][1]["what"]["identifier"]["system"], "urn:rxflow:blind-index:patient");
-    assert_eq!(f["entity"][1]["what"]["identifier"]["value"], read.patient.as_deref().expect("patient"));
+    assert_eq!(
+        f["entity"][0]["what"]["reference"],
+        format!("MedicationRequest/{}", read.resource.id)
+    );
+    assert_eq!(
+        f["entity"][1]["what"]["identifier"]["system"],
+        "urn:rxflow:blind-index:patient"
+    );
+    assert_eq!(
+        f["entity"][1]["what"]["identifier"]["value"],
+        read.patient.as_deref().expect("patient")
+    );
     assert_eq!(f["extension"][0]["valueString"], "2");
 }
 
@@ -114,18 +138,37 @@ fn export_carries_who_what_when_where_outcome_and_purpose() {
 fn export_maps_denials_failures_and_audit_reads() {
     let events = sample_events();
     let denied = to_fhir(&events[5], 6);
-    assert_eq!((denied["action"].as_str(), denied["outcome"].as_str()), (Some("E"), Some("4")));
+    assert_eq!(
+        (denied["action"].as_str(), denied["outcome"].as_str()),
+        (Some("E"), Some("4"))
+    );
     assert_eq!(denied["outcomeDesc"], "mfa-required");
     let failed = to_fhir(&events[7], 8);
-    assert_eq!((failed["action"].as_str(), failed["outcome"].as_str()), (Some("C"), Some("8")));
-    assert_eq!(failed["agent"][0]["type"]["coding"][0]["code"], "dataprocessor");
-    assert_eq!(failed["entity"][0]["what"]["identifier"]["system"], "urn:rxflow:Input");
-    assert_eq!(failed["entity"].as_array().map(Vec::len), Some(1), "no patient entity without a patient");
+    assert_eq!(
+        (failed["action"].as_str(), failed["outcome"].as_str()),
+        (Some("C"), Some("8"))
+    );
+    assert_eq!(
+        failed["agent"][0]["type"]["coding"][0]["code"],
+        "dataprocessor"
+    );
+    assert_eq!(
+        failed["entity"][0]["what"]["identifier"]["system"],
+        "urn:rxflow:Input"
+    );
+    assert_eq!(
+        failed["entity"].as_array().map(Vec::len),
+        Some(1),
+        "no patient entity without a patient"
+    );
     let disclosed = to_fhir(&events[4], 5);
     assert_eq!(disclosed["type"]["code"], "110106");
     let audit_read = to_fhir(&events[9], 10);
     assert_eq!(audit_read["type"]["code"], "110101");
-    assert_eq!(audit_read["purposeOfEvent"][0]["coding"][0]["code"], "HSYSADMIN");
+    assert_eq!(
+        audit_read["purposeOfEvent"][0]["coding"][0]["code"],
+        "HSYSADMIN"
+    );
 }
 
 #[test]
@@ -164,7 +207,10 @@ fn fhir_python() -> Option<PathBuf> {
             None
         }
         Err(e) => {
-            println!("SKIPPED: no Python at {} ({e}); set RXFLOW_PY or create .venv-tools", py.display());
+            println!(
+                "SKIPPED: no Python at {} ({e}); set RXFLOW_PY or create .venv-tools",
+                py.display()
+            );
             None
         }
     }
@@ -172,7 +218,11 @@ fn fhir_python() -> Option<PathBuf> {
 
 fn run_checker(py: &PathBuf, ndjson: &std::path::Path) -> std::process::Output {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fhir_auditevent_check.py");
-    Command::new(py).arg(script).arg(ndjson).output().expect("run checker")
+    Command::new(py)
+        .arg(script)
+        .arg(ndjson)
+        .output()
+        .expect("run checker")
 }
 
 #[test]

@@ -3,7 +3,8 @@
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use rx_guard::access::{
-    view_for, Action, BreakGlassGrant, Decision, DenyReason, Policy, Principal, Resource, Role, View,
+    view_for, Action, BreakGlassGrant, Decision, DenyReason, Policy, Principal, Resource, Role,
+    View,
 };
 use rx_guard::GuardError;
 
@@ -64,7 +65,9 @@ const ROLES: [Role; 6] = [
 ];
 
 fn now() -> DateTime<Utc> {
-    Utc.with_ymd_and_hms(2025, 3, 14, 9, 0, 0).single().expect("time")
+    Utc.with_ymd_and_hms(2025, 3, 14, 9, 0, 0)
+        .single()
+        .expect("time")
 }
 
 fn principal(role: Role) -> Principal {
@@ -123,13 +126,21 @@ fn matrix_on_records_in_scope() {
     for (action, cells) in MATRIX {
         for (role, cell) in ROLES.into_iter().zip(cells) {
             let p = principal(role);
-            let writer = if matches!(cell, O | Ob) { p.subject.clone() } else { "someone-else".into() };
+            let writer = if matches!(cell, O | Ob) {
+                p.subject.clone()
+            } else {
+                "someone-else".into()
+            };
             let res = order("acme", Some(&writer), None);
             let want = match cell {
                 Y | O | Ob => ALLOW,
                 B | N => role_denied(role, action),
             };
-            assert_eq!(policy.decide(&p, action, Some(&res), now()), want, "{role} × {action}");
+            assert_eq!(
+                policy.decide(&p, action, Some(&res), now()),
+                want,
+                "{role} × {action}"
+            );
         }
     }
 }
@@ -145,7 +156,11 @@ fn matrix_on_orders_written_by_someone_else() {
                 O | Ob => Decision::Deny(DenyReason::NotOwnPatientOrder),
                 B | N => role_denied(role, action),
             };
-            assert_eq!(policy.decide(&principal(role), action, Some(&res), now()), want, "{role} × {action}");
+            assert_eq!(
+                policy.decide(&principal(role), action, Some(&res), now()),
+                want,
+                "{role} × {action}"
+            );
         }
     }
 }
@@ -157,13 +172,19 @@ fn matrix_under_active_break_glass() {
     for (action, cells) in MATRIX {
         for (role, cell) in ROLES.into_iter().zip(cells) {
             let p = principal(role);
-            let p = p.clone().with_break_glass(grant(&p, now() - Duration::minutes(5), 60));
+            let p = p
+                .clone()
+                .with_break_glass(grant(&p, now() - Duration::minutes(5), 60));
             let want = match cell {
                 Y | Ob | B => ALLOW_BG,
                 O => Decision::Deny(DenyReason::NotOwnPatientOrder),
                 N => role_denied(role, action),
             };
-            assert_eq!(policy.decide(&p, action, Some(&res), now()), want, "{role} × {action}");
+            assert_eq!(
+                policy.decide(&p, action, Some(&res), now()),
+                want,
+                "{role} × {action}"
+            );
         }
     }
 }
@@ -180,7 +201,11 @@ fn matrix_on_another_tenant_even_under_break_glass() {
                 N => role_denied(role, action),
                 _ => Decision::Deny(DenyReason::OtherTenant),
             };
-            assert_eq!(policy.decide(&p, action, Some(&res), now()), want, "{role} × {action}");
+            assert_eq!(
+                policy.decide(&p, action, Some(&res), now()),
+                want,
+                "{role} × {action}"
+            );
         }
     }
 }
@@ -192,14 +217,22 @@ fn matrix_without_a_record() {
         for (role, cell) in ROLES.into_iter().zip(cells) {
             let on_one_record = matches!(
                 action,
-                SubmitPrescription | ReadPrescription | VerifyPrescription | DispensePrescription | CancelPrescription
+                SubmitPrescription
+                    | ReadPrescription
+                    | VerifyPrescription
+                    | DispensePrescription
+                    | CancelPrescription
             );
             let want = match cell {
                 N | B => role_denied(role, action),
                 _ if on_one_record => Decision::Deny(DenyReason::ResourceRequired { action }),
                 _ => ALLOW,
             };
-            assert_eq!(policy.decide(&principal(role), action, None, now()), want, "{role} × {action}");
+            assert_eq!(
+                policy.decide(&principal(role), action, None, now()),
+                want,
+                "{role} × {action}"
+            );
         }
     }
 }
@@ -210,9 +243,18 @@ fn prescriber_reads_own_order_matched_by_subject_or_by_npi() {
     let p = principal(Role::Prescriber);
     let by_subject = order("acme", Some("prescriber-1"), None);
     let by_npi = order("acme", Some("ehr-import"), Some("1234567893"));
-    assert_eq!(policy.decide(&p, ReadPrescription, Some(&by_subject), now()), ALLOW);
-    assert_eq!(policy.decide(&p, ReadPrescription, Some(&by_npi), now()), ALLOW);
-    let no_npi = Principal { npi: None, ..p.clone() };
+    assert_eq!(
+        policy.decide(&p, ReadPrescription, Some(&by_subject), now()),
+        ALLOW
+    );
+    assert_eq!(
+        policy.decide(&p, ReadPrescription, Some(&by_npi), now()),
+        ALLOW
+    );
+    let no_npi = Principal {
+        npi: None,
+        ..p.clone()
+    };
     assert_eq!(
         policy.decide(&no_npi, ReadPrescription, Some(&by_npi), now()),
         Decision::Deny(DenyReason::NotOwnPatientOrder)
@@ -224,7 +266,11 @@ fn prescriber_cannot_read_or_cancel_another_prescribers_order() {
     let policy = Policy::embedded();
     let p = principal(Role::Prescriber);
     let theirs = order("acme", Some("dr-other"), Some("1679576722"));
-    for action in [ReadPrescription, CancelPrescription, ListPatientPrescriptions] {
+    for action in [
+        ReadPrescription,
+        CancelPrescription,
+        ListPatientPrescriptions,
+    ] {
         assert_eq!(
             policy.decide(&p, action, Some(&theirs), now()),
             Decision::Deny(DenyReason::NotOwnPatientOrder),
@@ -243,7 +289,10 @@ fn prescriber_cannot_submit_an_order_under_another_prescribers_npi() {
         Decision::Deny(DenyReason::NotOwnPatientOrder)
     );
     let own = order("acme", None, Some("1234567893"));
-    assert_eq!(policy.decide(&p, SubmitPrescription, Some(&own), now()), ALLOW);
+    assert_eq!(
+        policy.decide(&p, SubmitPrescription, Some(&own), now()),
+        ALLOW
+    );
 }
 
 #[test]
@@ -252,7 +301,10 @@ fn prescriber_break_glass_reads_but_does_not_cancel_others_orders() {
     let p = principal(Role::Prescriber);
     let p = p.clone().with_break_glass(grant(&p, now(), 60));
     let theirs = order("acme", Some("dr-other"), None);
-    assert_eq!(policy.decide(&p, ReadPrescription, Some(&theirs), now()), ALLOW_BG);
+    assert_eq!(
+        policy.decide(&p, ReadPrescription, Some(&theirs), now()),
+        ALLOW_BG
+    );
     assert_eq!(
         policy.decide(&p, CancelPrescription, Some(&theirs), now()),
         Decision::Deny(DenyReason::NotOwnPatientOrder)
@@ -277,15 +329,27 @@ fn pharmacist_needs_mfa_to_verify_or_dispense_a_controlled_substance() {
             Decision::Deny(DenyReason::MfaRequired),
             "{action}"
         );
-        assert_eq!(policy.decide(&no_mfa, action, Some(&plain), now()), ALLOW, "{action}");
         assert_eq!(
-            policy.decide(&principal(Role::Pharmacist), action, Some(&controlled), now()),
+            policy.decide(&no_mfa, action, Some(&plain), now()),
+            ALLOW,
+            "{action}"
+        );
+        assert_eq!(
+            policy.decide(
+                &principal(Role::Pharmacist),
+                action,
+                Some(&controlled),
+                now()
+            ),
             ALLOW,
             "{action} with MFA"
         );
     }
     // Reading a controlled order needs no MFA.
-    assert_eq!(policy.decide(&no_mfa, ReadPrescription, Some(&controlled), now()), ALLOW);
+    assert_eq!(
+        policy.decide(&no_mfa, ReadPrescription, Some(&controlled), now()),
+        ALLOW
+    );
 }
 
 #[test]
@@ -308,9 +372,15 @@ fn whoever_wrote_an_order_cannot_verify_it() {
         subject: "pharmacist-2".into(),
         ..p.clone()
     };
-    assert_eq!(policy.decide(&colleague, VerifyPrescription, Some(&own), now()), ALLOW);
+    assert_eq!(
+        policy.decide(&colleague, VerifyPrescription, Some(&own), now()),
+        ALLOW
+    );
     // The author may still dispense once someone else verified.
-    assert_eq!(policy.decide(&p, DispensePrescription, Some(&own), now()), ALLOW);
+    assert_eq!(
+        policy.decide(&p, DispensePrescription, Some(&own), now()),
+        ALLOW
+    );
 }
 
 #[test]
@@ -318,7 +388,13 @@ fn tenant_isolation_holds_for_every_allowed_cell() {
     let policy = Policy::embedded();
     let p = principal(Role::Pharmacist);
     let elsewhere = order("other-pharmacy", Some("dr-other"), None);
-    for action in [ReadPrescription, VerifyPrescription, DispensePrescription, CancelPrescription, ReadQueue] {
+    for action in [
+        ReadPrescription,
+        VerifyPrescription,
+        DispensePrescription,
+        CancelPrescription,
+        ReadQueue,
+    ] {
         assert_eq!(
             policy.decide(&p, action, Some(&elsewhere), now()),
             Decision::Deny(DenyReason::OtherTenant),
@@ -332,19 +408,26 @@ fn expired_break_glass_no_longer_widens_scope() {
     let policy = Policy::embedded();
     let theirs = order("acme", Some("dr-other"), None);
     let tech = principal(Role::Technician);
-    let tech = tech.clone().with_break_glass(grant(&tech, now() - Duration::minutes(61), 60));
+    let tech = tech
+        .clone()
+        .with_break_glass(grant(&tech, now() - Duration::minutes(61), 60));
     assert_eq!(
         policy.decide(&tech, ListPatientPrescriptions, Some(&theirs), now()),
         Decision::Deny(DenyReason::BreakGlassExpired)
     );
     let doc = principal(Role::Prescriber);
-    let doc = doc.clone().with_break_glass(grant(&doc, now() - Duration::minutes(61), 60));
+    let doc = doc
+        .clone()
+        .with_break_glass(grant(&doc, now() - Duration::minutes(61), 60));
     assert_eq!(
         policy.decide(&doc, ReadPrescription, Some(&theirs), now()),
         Decision::Deny(DenyReason::BreakGlassExpired)
     );
     // Normal scope still works, and is no longer flagged.
-    assert_eq!(policy.decide(&tech, ReadPrescription, Some(&theirs), now()), ALLOW);
+    assert_eq!(
+        policy.decide(&tech, ReadPrescription, Some(&theirs), now()),
+        ALLOW
+    );
 }
 
 #[test]
@@ -376,13 +459,24 @@ fn every_role_gets_its_minimum_necessary_view() {
 #[test]
 fn deny_reasons_have_stable_codes_and_forbidden_sentences() {
     let reasons = [
-        (DenyReason::RoleNotAllowed { role: Role::Technician, action: VerifyPrescription }, "role-not-allowed"),
+        (
+            DenyReason::RoleNotAllowed {
+                role: Role::Technician,
+                action: VerifyPrescription,
+            },
+            "role-not-allowed",
+        ),
         (DenyReason::OtherTenant, "other-tenant"),
         (DenyReason::NotOwnPatientOrder, "not-own-patient-order"),
         (DenyReason::MfaRequired, "mfa-required"),
         (DenyReason::SeparationOfDuties, "separation-of-duties"),
         (DenyReason::BreakGlassExpired, "break-glass-expired"),
-        (DenyReason::ResourceRequired { action: ReadPrescription }, "resource-required"),
+        (
+            DenyReason::ResourceRequired {
+                action: ReadPrescription,
+            },
+            "resource-required",
+        ),
     ];
     for (reason, code) in reasons {
         assert_eq!(reason.code(), code);
@@ -394,7 +488,11 @@ fn deny_reasons_have_stable_codes_and_forbidden_sentences() {
         }
     }
     assert_eq!(
-        DenyReason::RoleNotAllowed { role: Role::Technician, action: VerifyPrescription }.to_string(),
+        DenyReason::RoleNotAllowed {
+            role: Role::Technician,
+            action: VerifyPrescription
+        }
+        .to_string(),
         "the technician role may not verify prescription; ask someone with a role that may"
     );
     assert!(matches!(ALLOW_BG.into_result(), Ok(true)));

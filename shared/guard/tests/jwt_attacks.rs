@@ -40,7 +40,10 @@ async fn refused(v: &JwtVerifier, token: &str, reason_part: &str) {
                 "reason `{reason}` should mention `{reason_part}`"
             );
             for leaked in ["pharm-ana", "acme", "mallory"] {
-                assert!(!reason.contains(leaked), "reason echoes token content: {reason}");
+                assert!(
+                    !reason.contains(leaked),
+                    "reason echoes token content: {reason}"
+                );
             }
             if token.len() > 8 {
                 assert!(!reason.contains(token), "reason echoes the token: {reason}");
@@ -64,7 +67,11 @@ fn without(mut c: Value, key: &str) -> Value {
 async fn valid_tokens_for_rs256_es256_and_eddsa_are_accepted() {
     let s = suite();
     for key in [&s.rsa, &s.ec, &s.ed] {
-        let p = s.verifier.verify(&sign(key, &claims())).await.expect("valid token");
+        let p = s
+            .verifier
+            .verify(&sign(key, &claims()))
+            .await
+            .expect("valid token");
         assert_eq!(p.subject, "pharm-ana");
         assert_eq!(p.role, Role::Pharmacist);
         assert_eq!(p.tenant, "acme");
@@ -113,10 +120,14 @@ async fn alg_none_token_is_rejected() {
 async fn hs256_token_signed_with_the_public_key_bytes_is_rejected() {
     let s = suite();
     for key in [&s.rsa, &s.ec, &s.ed] {
-        for secret in [key.public_bytes.clone(), serde_json::to_vec(&key.jwk).expect("jwk")] {
+        for secret in [
+            key.public_bytes.clone(),
+            serde_json::to_vec(&key.jwk).expect("jwk"),
+        ] {
             let mut header = Header::new(Algorithm::HS256);
             header.kid = Some(key.kid.clone());
-            let token = encode(&header, &claims(), &EncodingKey::from_secret(&secret)).expect("sign");
+            let token =
+                encode(&header, &claims(), &EncodingKey::from_secret(&secret)).expect("sign");
             refused(&s.verifier, &token, "HMAC").await;
         }
     }
@@ -234,7 +245,10 @@ async fn wrong_audience_is_rejected_and_a_list_containing_ours_is_accepted() {
     let c = with(claims(), "aud", json!("some-other-api"));
     refused(&s.verifier, &sign(&s.ec, &c), "another service").await;
     let c = with(claims(), "aud", json!(["some-other-api", AUD]));
-    s.verifier.verify(&sign(&s.ec, &c)).await.expect("aud list containing ours");
+    s.verifier
+        .verify(&sign(&s.ec, &c))
+        .await
+        .expect("aud list containing ours");
 }
 
 #[tokio::test]

@@ -25,7 +25,9 @@ impl JwksServer {
     async fn start(initial: &jsonwebtoken::jwk::JwkSet) -> JwksServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let body = Arc::new(Mutex::new(serde_json::to_string(initial).expect("jwks json")));
+        let body = Arc::new(Mutex::new(
+            serde_json::to_string(initial).expect("jwks json"),
+        ));
         let hits = Arc::new(AtomicUsize::new(0));
         let (b, h) = (body.clone(), hits.clone());
         let task = tokio::spawn(async move {
@@ -83,12 +85,18 @@ async fn url_source_fetches_the_jwks_over_http_and_follows_rotation_by_kid() {
     let old = ec_key("2025-01");
     let new = ed_key("2025-02");
     let server = JwksServer::start(&jwks(&[&old])).await;
-    let v = JwtVerifier::new(JwtConfig::new(ISS, AUD), JwksSource::Url(server.url.clone()))
-        .expect("verifier")
-        .with_refresh_interval(Duration::ZERO);
+    let v = JwtVerifier::new(
+        JwtConfig::new(ISS, AUD),
+        JwksSource::Url(server.url.clone()),
+    )
+    .expect("verifier")
+    .with_refresh_interval(Duration::ZERO);
     assert_eq!(server.hits(), 0, "a URL source is fetched lazily");
 
-    let p = v.verify(&sign(&old, &claims())).await.expect("old key trusted");
+    let p = v
+        .verify(&sign(&old, &claims()))
+        .await
+        .expect("old key trusted");
     assert_eq!(p.subject, "pharm-ana");
     assert_eq!(server.hits(), 1);
     v.verify(&sign(&old, &claims())).await.expect("cached");
@@ -96,7 +104,9 @@ async fn url_source_fetches_the_jwks_over_http_and_follows_rotation_by_kid() {
 
     // The issuer rotates: publishes the new key and withdraws the old one.
     server.publish(&jwks(&[&new]));
-    v.verify(&sign(&new, &claims())).await.expect("new kid triggers a re-read");
+    v.verify(&sign(&new, &claims()))
+        .await
+        .expect("new kid triggers a re-read");
     assert_eq!(server.hits(), 2);
     assert_eq!(v.trusted_kids(), vec!["2025-02".to_string()]);
     match v.verify(&sign(&old, &claims())).await {
@@ -109,8 +119,11 @@ async fn url_source_fetches_the_jwks_over_http_and_follows_rotation_by_kid() {
 async fn unknown_kid_rereads_the_source_at_most_once_per_interval() {
     let key = ed_key("k1");
     let server = JwksServer::start(&jwks(&[&key])).await;
-    let v = JwtVerifier::new(JwtConfig::new(ISS, AUD), JwksSource::Url(server.url.clone()))
-        .expect("verifier");
+    let v = JwtVerifier::new(
+        JwtConfig::new(ISS, AUD),
+        JwksSource::Url(server.url.clone()),
+    )
+    .expect("verifier");
     v.verify(&sign(&key, &claims())).await.expect("first fetch");
     assert_eq!(server.hits(), 1);
     let rotated = ed_key("k2");
@@ -169,7 +182,9 @@ async fn file_source_is_reread_when_a_new_kid_appears() {
     v.verify(&sign(&a, &claims())).await.expect("a");
     assert!(v.verify(&sign(&b, &claims())).await.is_err());
     std::fs::write(&path, serde_json::to_vec(&jwks(&[&a, &b])).expect("json")).expect("write");
-    v.verify(&sign(&b, &claims())).await.expect("b after rotation");
+    v.verify(&sign(&b, &claims()))
+        .await
+        .expect("b after rotation");
 }
 
 #[test]
@@ -198,14 +213,19 @@ async fn dev_issuer_tokens_verify_against_its_jwks_file() {
     let issuer = DevIssuer::open_or_create(dir.path()).expect("issuer");
     assert_eq!(issuer.issuer(), "rxflow-dev");
     assert_eq!(issuer.audience(), "rxflow");
-    let token = issuer.issue(&pharmacist(), Duration::from_secs(600)).expect("token");
+    let token = issuer
+        .issue(&pharmacist(), Duration::from_secs(600))
+        .expect("token");
     let v = JwtVerifier::new(
         JwtConfig::new("rxflow-dev", "rxflow"),
         JwksSource::File(issuer.jwks_path()),
     )
     .expect("verifier");
     let p = v.verify(&token).await.expect("dev token verifies");
-    assert_eq!((p.subject.as_str(), p.role, p.tenant.as_str(), p.mfa), ("pharm-ana", Role::Pharmacist, "acme", true));
+    assert_eq!(
+        (p.subject.as_str(), p.role, p.tenant.as_str(), p.mfa),
+        ("pharm-ana", Role::Pharmacist, "acme", true)
+    );
 
     let prescriber = DevClaims {
         subject: "dr-who".into(),
@@ -217,7 +237,11 @@ async fn dev_issuer_tokens_verify_against_its_jwks_file() {
     let p = issuer
         .verifier()
         .expect("verifier")
-        .verify(&issuer.issue(&prescriber, Duration::from_secs(60)).expect("token"))
+        .verify(
+            &issuer
+                .issue(&prescriber, Duration::from_secs(60))
+                .expect("token"),
+        )
         .await
         .expect("verifies");
     assert_eq!(p.npi.as_deref(), Some("1234567893"));
@@ -250,12 +274,16 @@ fn dev_key_is_created_0600_kept_across_opens_and_jwks_has_no_private_part() {
     let dir = tempfile::tempdir().expect("tmp");
     let first = DevIssuer::open_or_create(dir.path()).expect("create");
     let key_path = dir.path().join("dev-signing.pk8");
-    let mode = std::fs::metadata(&key_path).expect("key").permissions().mode();
+    let mode = std::fs::metadata(&key_path)
+        .expect("key")
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600);
     let again = DevIssuer::open_or_create(dir.path()).expect("reopen");
     assert_eq!(first.kid(), again.kid(), "the same key is reused");
     let jwks: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.path().join("jwks.json")).expect("jwks")).expect("json");
+        serde_json::from_slice(&std::fs::read(dir.path().join("jwks.json")).expect("jwks"))
+            .expect("json");
     let key = &jwks["keys"][0];
     assert_eq!(key["kty"], "OKP");
     assert_eq!(key["crv"], "Ed25519");
@@ -281,6 +309,13 @@ async fn token_from_another_dev_key_is_rejected() {
     let b = tempfile::tempdir().expect("tmp");
     let ia = DevIssuer::open_or_create(a.path()).expect("a");
     let ib = DevIssuer::open_or_create(b.path()).expect("b");
-    let token = ib.issue(&pharmacist(), Duration::from_secs(60)).expect("token");
-    assert!(ia.verifier().expect("verifier").verify(&token).await.is_err());
+    let token = ib
+        .issue(&pharmacist(), Duration::from_secs(60))
+        .expect("token");
+    assert!(ia
+        .verifier()
+        .expect("verifier")
+        .verify(&token)
+        .await
+        .is_err());
 }

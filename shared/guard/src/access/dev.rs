@@ -12,8 +12,8 @@ use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use jsonwebtoken::jwk::{
-    AlgorithmParameters, CommonParameters, EllipticCurve, Jwk, JwkSet, KeyAlgorithm, OctetKeyPairParameters,
-    OctetKeyPairType, PublicKeyUse,
+    AlgorithmParameters, CommonParameters, EllipticCurve, Jwk, JwkSet, KeyAlgorithm,
+    OctetKeyPairParameters, OctetKeyPairType, PublicKeyUse,
 };
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use zeroize::Zeroizing;
@@ -80,7 +80,10 @@ fn create_secret_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 #[cfg(unix)]
 fn check_private(path: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(path).map_err(io_err(path))?.permissions().mode();
+    let mode = std::fs::metadata(path)
+        .map_err(io_err(path))?
+        .permissions()
+        .mode();
     if mode & 0o077 != 0 {
         return Err(GuardError::Config(format!(
             "{} is readable by other users (mode {:o}); run `chmod 600` on it",
@@ -190,7 +193,11 @@ impl DevIssuer {
     pub fn issue(&self, claims: &DevClaims, ttl: std::time::Duration) -> Result<String> {
         let now = chrono::Utc::now().timestamp();
         let ttl = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX / 2);
-        let amr: Vec<&str> = if claims.mfa { vec!["pwd", "mfa"] } else { vec!["pwd"] };
+        let amr: Vec<&str> = if claims.mfa {
+            vec!["pwd", "mfa"]
+        } else {
+            vec!["pwd"]
+        };
         let mut body = serde_json::json!({
             "iss": DEV_ISSUER,
             "aud": DEV_AUDIENCE,

@@ -11,7 +11,9 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use jsonwebtoken::errors::ErrorKind;
-use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, JwkSet, KeyAlgorithm, PublicKeyUse};
+use jsonwebtoken::jwk::{
+    AlgorithmParameters, EllipticCurve, Jwk, JwkSet, KeyAlgorithm, PublicKeyUse,
+};
 use jsonwebtoken::{decode, decode_header, Algorithm, AlgorithmFamily, DecodingKey, Validation};
 use serde::Deserialize;
 
@@ -128,7 +130,9 @@ impl Claims {
         let tenant = self
             .tenant
             .filter(|s| !s.trim().is_empty())
-            .ok_or_else(|| unauthenticated("the token has no tenant claim naming the pharmacy organisation"))?;
+            .ok_or_else(|| {
+                unauthenticated("the token has no tenant claim naming the pharmacy organisation")
+            })?;
         let role = strings(&self.role)
             .into_iter()
             .chain(strings(&self.roles))
@@ -201,7 +205,9 @@ fn parse_jwks(bytes: &[u8]) -> Result<JwkSet> {
         keys: Vec<serde_json::Value>,
     }
     let raw: Raw = serde_json::from_slice(bytes).map_err(|e| {
-        GuardError::Config(format!("the JWKS is not a JSON object with a `keys` array: {e}"))
+        GuardError::Config(format!(
+            "the JWKS is not a JSON object with a `keys` array: {e}"
+        ))
     })?;
     Ok(JwkSet {
         keys: raw
@@ -278,7 +284,11 @@ impl JwtVerifier {
                         .timeout(JWKS_FETCH_TIMEOUT)
                         .redirect(reqwest::redirect::Policy::none())
                         .build()
-                        .map_err(|e| GuardError::Config(format!("cannot build the HTTP client for the JWKS: {e}")))?,
+                        .map_err(|e| {
+                            GuardError::Config(format!(
+                                "cannot build the HTTP client for the JWKS: {e}"
+                            ))
+                        })?,
                 );
             }
         }
@@ -349,7 +359,9 @@ impl JwtVerifier {
             ));
         }
         if header.crit.is_some() {
-            return Err(unauthenticated("the token header has critical extensions rxflow does not understand"));
+            return Err(unauthenticated(
+                "the token header has critical extensions rxflow does not understand",
+            ));
         }
         let kid = header
             .kid
@@ -358,7 +370,9 @@ impl JwtVerifier {
             .ok_or_else(|| unauthenticated("the token header has no key id (kid)"))?;
         let trusted = self.key(kid).await?;
         if header.alg != trusted.alg {
-            return Err(unauthenticated("the token algorithm does not match its signing key"));
+            return Err(unauthenticated(
+                "the token algorithm does not match its signing key",
+            ));
         }
         let mut validation = Validation::new(trusted.alg);
         validation.set_issuer(&[self.cfg.issuer.as_str()]);
@@ -368,7 +382,8 @@ impl JwtVerifier {
         validation.validate_exp = true;
         validation.validate_nbf = true;
         validation.validate_aud = true;
-        let data = decode::<Claims>(token, &trusted.key, &validation).map_err(|e| map_jwt_error(e.kind()))?;
+        let data = decode::<Claims>(token, &trusted.key, &validation)
+            .map_err(|e| map_jwt_error(e.kind()))?;
         data.claims.into_principal()
     }
 
@@ -381,7 +396,8 @@ impl JwtVerifier {
         if let Some(k) = self.cached(kid) {
             return Ok(k);
         }
-        let unknown = || unauthenticated("the token's signing key (kid) is not in the issuer's key set");
+        let unknown =
+            || unauthenticated("the token's signing key (kid) is not in the issuer's key set");
         let Some(source) = &self.source else {
             return Err(unknown());
         };
@@ -425,7 +441,9 @@ impl JwtVerifier {
     }
 
     async fn fetch(&self, url: &str) -> Result<Vec<u8>> {
-        let unavailable = |what: String| GuardError::KeyUnavailable(format!("the issuer's JWKS could not be fetched: {what}"));
+        let unavailable = |what: String| {
+            GuardError::KeyUnavailable(format!("the issuer's JWKS could not be fetched: {what}"))
+        };
         let http = self
             .http
             .as_ref()
@@ -441,7 +459,11 @@ impl JwtVerifier {
             return Err(unavailable(format!("HTTP status {}", resp.status())));
         }
         let mut body = Vec::new();
-        while let Some(chunk) = resp.chunk().await.map_err(|e| unavailable(e.without_url().to_string()))? {
+        while let Some(chunk) = resp
+            .chunk()
+            .await
+            .map_err(|e| unavailable(e.without_url().to_string()))?
+        {
             if body.len() + chunk.len() > MAX_JWKS_BYTES {
                 return Err(unavailable("the document exceeds 1 MiB".to_string()));
             }

@@ -48,9 +48,14 @@ impl View {
     }
 
     fn parse(s: &str) -> Option<View> {
-        [View::Full, View::Clinical, View::Operational, View::AuditOnly]
-            .into_iter()
-            .find(|v| v.as_str() == s)
+        [
+            View::Full,
+            View::Clinical,
+            View::Operational,
+            View::AuditOnly,
+        ]
+        .into_iter()
+        .find(|v| v.as_str() == s)
     }
 }
 
@@ -131,7 +136,9 @@ impl std::fmt::Display for DenyReason {
 pub enum Decision {
     /// Allowed. `via_break_glass` is true whenever the principal held an active break-glass
     /// grant: every access during the grant is flagged for review, not only the widened ones.
-    Allow { via_break_glass: bool },
+    Allow {
+        via_break_glass: bool,
+    },
     Deny(DenyReason),
 }
 
@@ -246,7 +253,10 @@ impl Policy {
     pub fn deny_all() -> Policy {
         Policy {
             cells: HashMap::new(),
-            views: Role::ALL.into_iter().map(|r| (r, View::AuditOnly)).collect(),
+            views: Role::ALL
+                .into_iter()
+                .map(|r| (r, View::AuditOnly))
+                .collect(),
         }
     }
 
@@ -268,11 +278,16 @@ impl Policy {
             let fields: Vec<&str> = line.split('\t').map(str::trim).collect();
             let Some(cols) = roles.as_ref() else {
                 if fields.first() != Some(&"action") {
-                    return Err(bad(line_no, "the first row must be the header `action<TAB>role…`".into()));
+                    return Err(bad(
+                        line_no,
+                        "the first row must be the header `action<TAB>role…`".into(),
+                    ));
                 }
                 let parsed = fields[1..]
                     .iter()
-                    .map(|f| Role::parse(f).ok_or_else(|| bad(line_no, format!("unknown role `{f}`"))))
+                    .map(|f| {
+                        Role::parse(f).ok_or_else(|| bad(line_no, format!("unknown role `{f}`")))
+                    })
                     .collect::<Result<Vec<_>>>()?;
                 for r in Role::ALL {
                     if !parsed.contains(&r) {
@@ -290,7 +305,8 @@ impl Policy {
             }
             if fields[0] == "view" {
                 for (role, f) in cols.iter().zip(&fields[1..]) {
-                    let v = View::parse(f).ok_or_else(|| bad(line_no, format!("unknown view `{f}`")))?;
+                    let v = View::parse(f)
+                        .ok_or_else(|| bad(line_no, format!("unknown view `{f}`")))?;
                     views.insert(*role, v);
                 }
                 continue;
@@ -298,7 +314,8 @@ impl Policy {
             let action = Action::parse(fields[0])
                 .ok_or_else(|| bad(line_no, format!("unknown action `{}`", fields[0])))?;
             for (role, f) in cols.iter().zip(&fields[1..]) {
-                let cell = Cell::parse(f).ok_or_else(|| bad(line_no, format!("unknown cell `{f}`")))?;
+                let cell =
+                    Cell::parse(f).ok_or_else(|| bad(line_no, format!("unknown cell `{f}`")))?;
                 if cells.insert((*role, action), cell).is_some() {
                     return Err(bad(line_no, format!("action `{action}` appears twice")));
                 }
@@ -306,12 +323,16 @@ impl Policy {
         }
         for a in Action::ALL {
             if !cells.contains_key(&(Role::Prescriber, a)) {
-                return Err(GuardError::Config(format!("access policy has no row for action `{a}`")));
+                return Err(GuardError::Config(format!(
+                    "access policy has no row for action `{a}`"
+                )));
             }
         }
         for r in Role::ALL {
             if !views.contains_key(&r) {
-                return Err(GuardError::Config(format!("access policy has no view for role `{r}`")));
+                return Err(GuardError::Config(format!(
+                    "access policy has no view for role `{r}`"
+                )));
             }
         }
         Ok(Policy { cells, views })
@@ -334,7 +355,11 @@ impl Policy {
         res: Option<&Resource<'_>>,
         now: DateTime<Utc>,
     ) -> Decision {
-        let cell = self.cells.get(&(p.role, action)).copied().unwrap_or(Cell::DENY);
+        let cell = self
+            .cells
+            .get(&(p.role, action))
+            .copied()
+            .unwrap_or(Cell::DENY);
         let glass = glass(p.break_glass.as_ref(), p, now);
         let flagged = matches!(glass, Glass::Active);
         let role_denied = DenyReason::RoleNotAllowed {

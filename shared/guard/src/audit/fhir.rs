@@ -141,7 +141,8 @@ fn entities(e: &AuditEvent) -> Vec<Value> {
 
 /// The FHIR R4 AuditEvent for event `e`, stored at position `seq` of the trail.
 pub fn to_fhir(e: &AuditEvent, seq: u64) -> Value {
-    let mut purposes = vec![json!({ "coding": [coding(PURPOSE, e.purpose.code(), e.purpose.code())] })];
+    let mut purposes =
+        vec![json!({ "coding": [coding(PURPOSE, e.purpose.code(), e.purpose.code())] })];
     if e.break_glass && e.purpose.code() != "ETREAT" {
         purposes.push(json!({ "coding": [coding(PURPOSE, "ETREAT", "emergency treatment")] }));
     }
@@ -226,7 +227,10 @@ mod tests {
         e.break_glass = true;
         let f = to_fhir(&e, 7);
         let purposes = f["purposeOfEvent"].to_string();
-        assert!(purposes.contains("ETREAT") && purposes.contains("TREAT"), "{purposes}");
+        assert!(
+            purposes.contains("ETREAT") && purposes.contains("TREAT"),
+            "{purposes}"
+        );
         assert_eq!(f["meta"]["security"][0]["code"], "BTG");
         assert_eq!(f["agent"][0]["policy"][0], BREAK_GLASS_POLICY);
         let plain = to_fhir(&event(Action::Read), 7);
