@@ -497,3 +497,32 @@ fn deny_reasons_have_stable_codes_and_forbidden_sentences() {
     );
     assert!(matches!(ALLOW_BG.into_result(), Ok(true)));
 }
+
+#[test]
+fn decisions_become_audit_events_with_denials_and_break_glass_flagged() {
+    use rx_guard::access::audit_event;
+    use rx_guard::audit::{Action as Audit, Outcome, Purpose, ResourceRef};
+    let policy = Policy::embedded();
+    let rx = || ResourceRef {
+        kind: "MedicationRequest".into(),
+        id: "0194c8a0-1111-7000-8000-00000000abcd".into(),
+    };
+    let tech = principal(Role::Technician);
+    let res = order("acme", Some("dr-other"), None);
+    let denied = policy.decide(&tech, VerifyPrescription, Some(&res), now());
+    let e = audit_event(&tech, VerifyPrescription, &denied, rx(), "verify");
+    assert_eq!((e.action, e.outcome), (Audit::Deny, Outcome::Denied));
+    assert_eq!(
+        e.detail.as_deref(),
+        Some("verify-prescription:role-not-allowed")
+    );
+    assert_eq!(e.actor.subject, "technician-1");
+    assert!(!e.break_glass);
+
+    let tech = tech.clone().with_break_glass(grant(&tech, now(), 60));
+    let allowed = policy.decide(&tech, ListPatientPrescriptions, Some(&res), now());
+    let e = audit_event(&tech, ListPatientPrescriptions, &allowed, rx(), "records");
+    assert_eq!((e.action, e.outcome), (Audit::Read, Outcome::Success));
+    assert!(e.break_glass);
+    assert_eq!(e.purpose, Purpose::Emergency);
+}

@@ -210,3 +210,53 @@ impl Principal {
         self
     }
 }
+
+/// The audit event recording `decision` on `action` by `p`: on allow the access itself (flagged
+/// when under break-glass, purpose ETREAT), on deny an [`audit::Action::Deny`] with the reason
+/// code as detail, so every denial lands in the trail. The caller adds patient and source ip.
+///
+/// [`audit::Action::Deny`]: crate::audit::Action::Deny
+pub fn audit_event(
+    p: &Principal,
+    action: Action,
+    decision: &Decision,
+    resource: crate::audit::ResourceRef,
+    function: &str,
+) -> crate::audit::AuditEvent {
+    use crate::audit::{AuditEvent, Outcome, Purpose};
+    let routine = match p.role {
+        Role::Auditor | Role::Admin => Purpose::SystemAdministration,
+        Role::Service => Purpose::Operations,
+        _ => Purpose::Treatment,
+    };
+    match decision {
+        Decision::Allow { via_break_glass } => {
+            let purpose = if *via_break_glass {
+                Purpose::Emergency
+            } else {
+                routine
+            };
+            let mut e = AuditEvent::new(
+                p.actor(),
+                action.audit_action(),
+                resource,
+                function,
+                purpose,
+            );
+            e.break_glass = *via_break_glass;
+            e
+        }
+        Decision::Deny(reason) => {
+            let mut e = AuditEvent::new(
+                p.actor(),
+                crate::audit::Action::Deny,
+                resource,
+                function,
+                routine,
+            );
+            e.outcome = Outcome::Denied;
+            e.detail = Some(format!("{}:{}", action.as_str(), reason.code()));
+            e
+        }
+    }
+}
