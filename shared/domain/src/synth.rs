@@ -102,7 +102,7 @@ pub enum Case {
 }
 
 /// A pair's first order (which makes the second one fire) or the order the case is about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Role {
     Setup,
     Trigger,

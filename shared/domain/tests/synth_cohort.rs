@@ -300,3 +300,40 @@ fn controlled_orders_come_from_prescribers_with_and_without_dea() {
     }
     assert!(by_dea.0 >= 10 && by_dea.1 >= 2, "{by_dea:?}");
 }
+
+#[test]
+fn each_case_appears_once_per_block_in_a_long_stream() {
+    let c = cfg(17, 12_800);
+    let cohort = synth::cohort(&c);
+    let started = std::time::Instant::now();
+    let mut counts: BTreeMap<(Case, Role), usize> = BTreeMap::new();
+    let mut products: BTreeMap<Case, std::collections::BTreeSet<String>> = BTreeMap::new();
+    for v in synth::orders(&c, &cohort) {
+        let (case, role) = synth::planned_case(&v).unwrap();
+        *counts.entry((case, role)).or_default() += 1;
+        let code = v["medicationCodeableConcept"]["coding"][0]["code"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        products.entry(case).or_default().insert(code);
+    }
+    let elapsed = started.elapsed();
+    let blocks = 12_800 / synth::BLOCK;
+    for case in Case::ALL.into_iter().filter(|c| *c != Case::Clean) {
+        assert_eq!(counts[&(case, Role::Trigger)], blocks, "{case:?}");
+    }
+    let clean = counts[&(Case::Clean, Role::Trigger)];
+    assert_eq!(clean, 12_800 - blocks * 24);
+    eprintln!(
+        "12,800 orders generated in {elapsed:?}; clean share {:.1}%; products per case: {:?}",
+        100.0 * clean as f64 / 12_800.0,
+        products
+            .iter()
+            .map(|(c, p)| (c.as_str(), p.len()))
+            .collect::<Vec<_>>()
+    );
+    // The planned cases rotate through the table's candidates, not one product each.
+    assert!(products[&Case::ControlledWithoutDea].len() >= 3);
+    assert!(products[&Case::OncInteraction].len() >= 3);
+    assert!(products[&Case::Clean].len() >= 8);
+}
