@@ -246,7 +246,7 @@ const SLOTS: [(Case, Role); 24] = [
 /// The planned slot at position `i` of the stream, if any.
 fn slot(i: usize) -> Option<(Case, Role)> {
     let pos = i % BLOCK;
-    if pos < FIRST_SLOT || (pos - FIRST_SLOT) % SLOT_STRIDE != 0 {
+    if pos < FIRST_SLOT || !(pos - FIRST_SLOT).is_multiple_of(SLOT_STRIDE) {
         return None;
     }
     SLOTS.get((pos - FIRST_SLOT) / SLOT_STRIDE).copied()
