@@ -318,6 +318,12 @@ fn each_case_appears_once_per_block_in_a_long_stream() {
         products.entry(case).or_default().insert(code);
     }
     let elapsed = started.elapsed();
+    let orders: Vec<Value> = synth::orders(&c, &cohort).collect();
+    let started = std::time::Instant::now();
+    for v in &orders {
+        fhir::parse_medication_request(v).unwrap();
+    }
+    let parsed = started.elapsed();
     let blocks = 12_800 / synth::BLOCK;
     for case in Case::ALL.into_iter().filter(|c| *c != Case::Clean) {
         assert_eq!(counts[&(case, Role::Trigger)], blocks, "{case:?}");
@@ -325,7 +331,7 @@ fn each_case_appears_once_per_block_in_a_long_stream() {
     let clean = counts[&(Case::Clean, Role::Trigger)];
     assert_eq!(clean, 12_800 - blocks * 24);
     eprintln!(
-        "12,800 orders generated in {elapsed:?}; clean share {:.1}%; products per case: {:?}",
+        "12,800 orders generated in {elapsed:?}, parsed in {parsed:?}; clean share {:.1}%; products per case: {:?}",
         100.0 * clean as f64 / 12_800.0,
         products
             .iter()
