@@ -1,1 +1,356 @@
-//! (in progress)
+//! intake: a prescriber's order arrives (FHIR MedicationRequest, or a Bundle with the Patient,
+//! Practitioner and AllergyIntolerance it refers to). Check its shape, seal the PHI, store it,
+//! announce `prescription.received`.
+//!
+//! Intake is idempotent: the same source order (same MedicationRequest id) submitted twice is
+//! stored once; the second submission gets the first one's id back.
+
+use rx_domain::fhir::{self, Submission};
+use rx_domain::{Allergy, MedicationOrder, PatientRecord, PrescriberRecord, PrescriptionRecord};
+use rx_platform::event::{EventKind, PipelineEvent};
+use rx_platform::flow::load_patient;
+use rx_platform::{Services, StepError};
+use rx_store::repo::{domains, transition, AuditCtx, PatientFile, Stored};
+use rx_store::{Changes, Table, Write};
+use serde::Serialize;
+use serde_json::Value;
+
+/// One order taken in.
+#[derive(Debug, Clone, Serialize)]
+pub struct Accepted {
+    /// rxflow's id of the prescription.
+    pub rx_id: String,
+    /// The MedicationRequest id in the submitter's system.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_id: Option<String>,
+    pub status: String,
+    /// True when this order had been submitted before: nothing new was stored.
+    pub duplicate: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct IntakeOutput {
+    pub accepted: Vec<Accepted>,
+    pub events: Vec<PipelineEvent>,
+}
+
+/// Take a FHIR body (MedicationRequest or Bundle) in.
+pub async fn handle(
+    svc: &Services,
+    cx: &AuditCtx,
+    tenant: &str,
+    body: &Value,
+) -> Result<IntakeOutput, StepError> {
+    let submission = fhir::parse_submission(body)?;
+    if submission.orders.is_empty() {
+        return Err(StepError::Invalid {
+            code: "required",
+            message: "the submission holds no MedicationRequest".into(),
+            expression: Some("Bundle.entry.resource".into()),
+        });
+    }
+    submit(svc, cx, tenant, submission).await
+}
+
+/// Register what a submission carries, then take its orders in.
+pub async fn submit(
+    svc: &Services,
+    cx: &AuditCtx,
+    tenant: &str,
+    submission: Submission,
+) -> Result<IntakeOutput, StepError> {
+    for p in submission.prescribers {
+        register_prescriber(svc, cx, tenant, p).await?;
+    }
+    for p in submission.patients {
+        register_patient(svc, cx, tenant, p).await?;
+    }
+    for (patient_ref, a) in submission.allergies {
+        add_allergy(svc, cx, tenant, &patient_ref, a).await?;
+    }
+    let mut out = IntakeOutput::default();
+    for order in submission.orders {
+        let (accepted, event) = submit_order(svc, cx, tenant, order).await?;
+        out.accepted.push(accepted);
+        out.events.extend(event);
+    }
+    Ok(out)
+}
+
+/// Take one order in: store it sealed as `received` and return the event announcing it.
+pub async fn submit_order(
+    svc: &Services,
+    cx: &AuditCtx,
+    tenant: &str,
+    order: MedicationOrder,
+) -> Result<(Accepted, Option<PipelineEvent>), StepError> {
+    check_shape(&order)?;
+    let key = order
+        .source_id
+        .as_deref()
+        .map(|sid| svc.vault.blind(domains::SOURCE_ORDER, sid));
+    if let Some(k) = &key {
+        if let Some(row) = svc
+            .vault
+            .store
+            .get_by_key(Table::Prescriptions, tenant, k)
+            .await?
+        {
+            // Redelivery: answer with what was stored; re-announce it while it is still waiting
+            // for validation, so an event lost after the first commit is not lost for good.
+            let event = (row.status == rx_domain::Status::Received.as_str())
+                .then(|| PipelineEvent::new(EventKind::Received, &row.id, tenant, row.version));
+            return Ok((
+                Accepted {
+                    rx_id: row.id.clone(),
+                    source_id: order.source_id.clone(),
+                    status: row.status,
+                    duplicate: true,
+                },
+                event,
+            ));
+        }
+    }
+    let rx_id = uuid::Uuid::now_v7().to_string();
+    let source_id = order.source_id.clone();
+    let patient = svc.vault.blind(domains::PATIENT, &order.patient_ref);
+    let record = PrescriptionRecord::new(order, cx.actor.subject.clone());
+    let status = rx_domain::Status::Received.as_str();
+    let (write, ev) = svc
+        .vault
+        .new_row(
+            cx,
+            Table::Prescriptions,
+            tenant,
+            &rx_id,
+            status,
+            Some(patient),
+            key,
+            &record,
+        )
+        .await?;
+    let row = match &write {
+        Write::Insert(r) => r.clone(),
+        Write::Update { row, .. } => row.clone(),
+    };
+    let changes = Changes {
+        writes: vec![write],
+        transitions: vec![transition(cx, &row, None, status, 1)],
+        audit: vec![ev],
+    };
+    svc.vault.commit(changes).await?;
+    Ok((
+        Accepted {
+            rx_id: rx_id.clone(),
+            source_id,
+            status: status.to_string(),
+            duplicate: false,
+        },
+        Some(PipelineEvent::new(EventKind::Received, &rx_id, tenant, 1)),
+    ))
+}
+
+/// What intake itself insists on (the rules of the trade are validate's business).
+fn check_shape(order: &MedicationOrder) -> Result<(), StepError> {
+    if order.patient_ref.trim().is_empty() {
+        return Err(StepError::Invalid {
+            code: "required",
+            message: "the order names no patient".into(),
+            expression: Some("MedicationRequest.subject".into()),
+        });
+    }
+    let m = &order.medication;
+    if m.rxnorm.is_none() && m.ndc.is_none() && m.display.is_none() {
+        return Err(StepError::Invalid {
+            code: "required",
+            message: "the order names no medication (RxNorm, NDC or text)".into(),
+            expression: Some("MedicationRequest.medication[x]".into()),
+        });
+    }
+    if let Some(q) = order.quantity {
+        if !(q.is_finite() && q > 0.0) {
+            return Err(StepError::Invalid {
+                code: "value",
+                message: "the dispense quantity must be a positive number".into(),
+                expression: Some("MedicationRequest.dispenseRequest.quantity".into()),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Store (or refresh) a patient's demographics, keeping the allergies and medication profile
+/// already on file. Returns the patient row id.
+pub async fn register_patient(
+    svc: &Services,
+    cx: &AuditCtx,
+    tenant: &str,
+    patient: PatientRecord,
+) -> Result<String, StepError> {
+    if patient.source_id.trim().is_empty() {
+        return Err(StepError::Invalid {
+            code: "required",
+            message: "the Patient has no id".into(),
+            expression: Some("Patient.id".into()),
+        });
+    }
+    let source_id = patient.source_id.clone();
+    upsert_patient(svc, cx, tenant, &source_id, move |file| {
+        let allergies = std::mem::take(&mut file.patient.allergies);
+        file.patient = patient.clone();
+        // Allergies from the Patient resource itself are none in FHIR; keep those on file.
+        if file.patient.allergies.is_empty() {
+            file.patient.allergies = allergies;
+        }
+    })
+    .await
+}
+
+/// Add an allergy to a patient's file (creating the file if the patient is not known yet).
+pub async fn add_allergy(
+    svc: &Services,
+    cx: &AuditCtx,
+    tenant: &str,
+    patient_ref: &str,
+    allergy: Allergy,
+) -> Result<String, StepError> {
+    upsert_patient(svc, cx, tenant, patient_ref, move |file| {
+        let dup = allergy.source_id.is_some()
+            && file
+                .patient
+                .allergies
+                .iter()
+                .any(|a| a.source_id == allergy.source_id);
+        if !dup {
+            file.patient.allergies.push(allergy.clone());
+        }
+    })
+    .await
+}
+
+async fn upsert_patient(
+    svc: &Services,
+    cx: &AuditCtx,
+    tenant: &str,
+    patient_ref: &str,
+    change: impl Fn(&mut PatientFile),
+) -> Result<String, StepError> {
+    let idx = svc.vault.blind(domains::PATIENT, patient_ref);
+    // A concurrent writer may win the conditional write: read again and re-apply.
+    for _ in 0..5 {
+        let existing: Option<Stored<PatientFile>> =
+            load_patient(svc, cx, tenant, patient_ref).await?;
+        let (write, ev, id) = match existing {
+            Some(doc) => {
+                let mut file = doc.body;
+                change(&mut file);
+                let (w, e) = svc.vault.updated_row(cx, &doc.row, "active", &file).await?;
+                (w, e, doc.row.id)
+            }
+            None => {
+                let mut file = PatientFile {
+                    patient: PatientRecord {
+                        source_id: patient_ref.to_string(),
+                        ..Default::default()
+                    },
+                    profile: Vec::new(),
+                };
+                change(&mut file);
+                let id = uuid::Uuid::now_v7().to_string();
+                let (w, e) = svc
+                    .vault
+                    .new_row(
+                        cx,
+                        Table::Patients,
+                        tenant,
+                        &id,
+                        "active",
+                        Some(idx.clone()),
+                        Some(idx.clone()),
+                        &file,
+                    )
+                    .await?;
+                (w, e, id)
+            }
+        };
+        let changes = Changes {
+            writes: vec![write],
+            transitions: Vec::new(),
+            audit: vec![ev],
+        };
+        match svc.vault.store.commit(changes).await {
+            Ok(()) => return Ok(id),
+            Err(rx_store::StoreError::Conflict(_)) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(StepError::Conflict(
+        "the patient's record kept changing while it was updated; retry".into(),
+    ))
+}
+
+/// Store (or refresh) a prescriber in the directory, found later by NPI or by source id.
+pub async fn register_prescriber(
+    svc: &Services,
+    cx: &AuditCtx,
+    tenant: &str,
+    prescriber: PrescriberRecord,
+) -> Result<String, StepError> {
+    let key = prescriber
+        .npi
+        .as_deref()
+        .map(|n| svc.vault.blind(domains::NPI, n));
+    let index = prescriber
+        .source_id
+        .as_deref()
+        .map(|s| svc.vault.blind(domains::PRACTITIONER, s));
+    if key.is_none() && index.is_none() {
+        return Err(StepError::Invalid {
+            code: "required",
+            message: "the Practitioner has neither an id nor an NPI".into(),
+            expression: Some("Practitioner.identifier".into()),
+        });
+    }
+    let existing: Option<Stored<PrescriberRecord>> = match &key {
+        Some(k) => {
+            svc.vault
+                .read_by_key(cx, Table::Prescribers, tenant, k)
+                .await?
+        }
+        None => None,
+    };
+    let (write, ev, id) = match existing {
+        Some(doc) => {
+            let (w, e) = svc
+                .vault
+                .updated_row(cx, &doc.row, "active", &prescriber)
+                .await?;
+            (w, e, doc.row.id)
+        }
+        None => {
+            let id = uuid::Uuid::now_v7().to_string();
+            let (w, e) = svc
+                .vault
+                .new_row(
+                    cx,
+                    Table::Prescribers,
+                    tenant,
+                    &id,
+                    "active",
+                    index,
+                    key,
+                    &prescriber,
+                )
+                .await?;
+            (w, e, id)
+        }
+    };
+    svc.vault
+        .commit(Changes {
+            writes: vec![write],
+            transitions: Vec::new(),
+            audit: vec![ev],
+        })
+        .await?;
+    Ok(id)
+}

@@ -1,1 +1,20 @@
-//! (in progress)
+//! rx-platform: what every function needs around its handler.
+//!
+//! * [`services`]: the ports a handler works over (vault, clock, rules, reference data) and the
+//!   embedded wiring (SQLite file, local key files) in a data directory.
+//! * [`event`]: the events between steps (ids and versions only, never PHI).
+//! * [`error`]: the one step error type, mapped to HTTP status and FHIR OperationOutcome.
+//! * [`clock`]: system time, or a set time for replays.
+//! * [`config`]: configuration from the environment, in one place.
+
+pub mod clock;
+pub mod config;
+pub mod error;
+pub mod event;
+pub mod flow;
+pub mod services;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use error::StepError;
+pub use event::{EventKind, PipelineEvent};
+pub use services::Services;

@@ -135,11 +135,14 @@ pub type StoreResult<T> = Result<T, StoreError>;
 #[async_trait]
 pub trait RecordStore: AuditSink + Send + Sync {
     async fn get(&self, table: Table, tenant: &str, id: &str) -> StoreResult<Option<Row>>;
-    async fn get_by_key(&self, table: Table, tenant: &str, key: &[u8])
-        -> StoreResult<Option<Row>>;
+    async fn get_by_key(&self, table: Table, tenant: &str, key: &[u8]) -> StoreResult<Option<Row>>;
     /// All rows of `table` in `tenant` whose blind index equals `index`, oldest first.
-    async fn find_by_index(&self, table: Table, tenant: &str, index: &[u8])
-        -> StoreResult<Vec<Row>>;
+    async fn find_by_index(
+        &self,
+        table: Table,
+        tenant: &str,
+        index: &[u8],
+    ) -> StoreResult<Vec<Row>>;
     /// Rows of `table` in `tenant` (optionally only those in `status`), ordered by id, after the
     /// id `after` (for paging), at most `limit`.
     async fn list(

@@ -15,11 +15,17 @@ use sqlite_support::*;
 #[tokio::test]
 async fn appended_and_committed_events_form_one_valid_chain() {
     let (_dir, store) = open_temp();
-    let first = vec![event("a", Action::Read, "rx-1"), event("b", Action::Read, "rx-2")];
+    let first = vec![
+        event("a", Action::Read, "rx-1"),
+        event("b", Action::Read, "rx-2"),
+    ];
     store.append(&first).await.unwrap();
     let second = vec![event("c", Action::Create, "rx-3")];
     store
-        .commit(insert(row(Table::Prescriptions, "t1", "rx-3"), second.clone()))
+        .commit(insert(
+            row(Table::Prescriptions, "t1", "rx-3"),
+            second.clone(),
+        ))
         .await
         .unwrap();
 
@@ -28,7 +34,11 @@ async fn appended_and_committed_events_form_one_valid_chain() {
     assert_chain_valid(&stored);
     let sent = [first, second].concat();
     for (stored, sent) in stored.iter().zip(&sent) {
-        assert_eq!(stored.body, sent.canonical_bytes(), "the body is the canonical bytes");
+        assert_eq!(
+            stored.body,
+            sent.canonical_bytes(),
+            "the body is the canonical bytes"
+        );
     }
     assert_eq!(decode(&stored), sent);
     assert_eq!(store.audit_len().await.unwrap(), 3);
@@ -38,14 +48,23 @@ async fn appended_and_committed_events_form_one_valid_chain() {
 async fn a_failed_change_set_leaves_no_gap_in_the_chain() {
     let (_dir, store) = open_temp();
     store
-        .commit(insert(row(Table::Prescriptions, "t1", "rx-1"), vec![event("a", Action::Create, "rx-1")]))
+        .commit(insert(
+            row(Table::Prescriptions, "t1", "rx-1"),
+            vec![event("a", Action::Create, "rx-1")],
+        ))
         .await
         .unwrap();
     let dup = store
-        .commit(insert(row(Table::Prescriptions, "t1", "rx-1"), vec![event("a", Action::Create, "rx-1")]))
+        .commit(insert(
+            row(Table::Prescriptions, "t1", "rx-1"),
+            vec![event("a", Action::Create, "rx-1")],
+        ))
         .await;
     assert!(matches!(dup, Err(StoreError::Conflict(_))));
-    store.append(&[event("b", Action::Read, "rx-1")]).await.unwrap();
+    store
+        .append(&[event("b", Action::Read, "rx-1")])
+        .await
+        .unwrap();
     let stored = store.audit_range(1, 10).await.unwrap();
     assert_eq!(stored.len(), 2);
     assert_chain_valid(&stored);
@@ -56,7 +75,10 @@ async fn appending_an_event_id_twice_fails_closed() {
     let (_dir, store) = open_temp();
     let e = event("a", Action::Read, "rx-1");
     store.append(std::slice::from_ref(&e)).await.unwrap();
-    let err = store.append(&[event("b", Action::Read, "rx-2"), e]).await.unwrap_err();
+    let err = store
+        .append(&[event("b", Action::Read, "rx-2"), e])
+        .await
+        .unwrap_err();
     assert!(matches!(err, GuardError::AuditUnavailable(_)), "{err:?}");
     // The whole append was refused, including the first, fresh event.
     assert_eq!(store.audit_len().await.unwrap(), 1);
@@ -65,7 +87,10 @@ async fn appending_an_event_id_twice_fails_closed() {
 #[tokio::test]
 async fn audit_transitions_and_checkpoints_refuse_update_and_delete() {
     let (dir, store) = open_temp();
-    store.append(&[event("a", Action::Read, "rx-1")]).await.unwrap();
+    store
+        .append(&[event("a", Action::Read, "rx-1")])
+        .await
+        .unwrap();
     store
         .commit(Changes {
             transitions: vec![rx_store::TransitionRow {
@@ -83,7 +108,12 @@ async fn audit_transitions_and_checkpoints_refuse_update_and_delete() {
         .await
         .unwrap();
     store
-        .put_checkpoint(&CheckpointRow { number: 1, first_seq: 1, last_seq: 1, body: b"{}".to_vec() })
+        .put_checkpoint(&CheckpointRow {
+            number: 1,
+            first_seq: 1,
+            last_seq: 1,
+            body: b"{}".to_vec(),
+        })
         .await
         .unwrap();
 
@@ -110,7 +140,10 @@ async fn an_edited_row_no_longer_recomputes() {
     // Guards the checker itself: with the triggers dropped, an edit is visible to verification.
     let (dir, store) = open_temp();
     store
-        .append(&[event("a", Action::Read, "rx-1"), event("b", Action::Read, "rx-2")])
+        .append(&[
+            event("a", Action::Read, "rx-1"),
+            event("b", Action::Read, "rx-2"),
+        ])
         .await
         .unwrap();
     let conn = rusqlite::Connection::open(dir.path().join("rx.db")).unwrap();
@@ -162,26 +195,72 @@ async fn subjects(store: &SqliteStore, q: AuditQuery) -> Vec<(u64, String)> {
 #[tokio::test]
 async fn audit_search_filters_by_patient_subject_action_and_resource() {
     let (_dir, store) = search_fixture().await;
-    let by_patient = subjects(&store, AuditQuery { patient: Some("p-odd".into()), ..Default::default() }).await;
-    assert_eq!(by_patient.iter().map(|x| x.0).collect::<Vec<_>>(), [2, 4, 6]);
+    let by_patient = subjects(
+        &store,
+        AuditQuery {
+            patient: Some("p-odd".into()),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(
+        by_patient.iter().map(|x| x.0).collect::<Vec<_>>(),
+        [2, 4, 6]
+    );
 
-    let by_subject = subjects(&store, AuditQuery { subject: Some("alice".into()), ..Default::default() }).await;
-    assert_eq!(by_subject.iter().map(|x| x.0).collect::<Vec<_>>(), [1, 3, 5]);
+    let by_subject = subjects(
+        &store,
+        AuditQuery {
+            subject: Some("alice".into()),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(
+        by_subject.iter().map(|x| x.0).collect::<Vec<_>>(),
+        [1, 3, 5]
+    );
 
-    let by_action = subjects(&store, AuditQuery { action: Some(Action::Read), ..Default::default() }).await;
+    let by_action = subjects(
+        &store,
+        AuditQuery {
+            action: Some(Action::Read),
+            ..Default::default()
+        },
+    )
+    .await;
     assert_eq!(by_action.iter().map(|x| x.0).collect::<Vec<_>>(), [1, 4, 5]);
 
     let combined = subjects(
         &store,
-        AuditQuery { subject: Some("alice".into()), action: Some(Action::Read), patient: Some("p-even".into()), ..Default::default() },
+        AuditQuery {
+            subject: Some("alice".into()),
+            action: Some(Action::Read),
+            patient: Some("p-even".into()),
+            ..Default::default()
+        },
     )
     .await;
     assert_eq!(combined.iter().map(|x| x.0).collect::<Vec<_>>(), [1, 5]);
 
-    let by_resource = subjects(&store, AuditQuery { resource_id: Some("rx-3".into()), ..Default::default() }).await;
+    let by_resource = subjects(
+        &store,
+        AuditQuery {
+            resource_id: Some("rx-3".into()),
+            ..Default::default()
+        },
+    )
+    .await;
     assert_eq!(by_resource, [(4, "carol".to_string())]);
 
-    let nobody = subjects(&store, AuditQuery { subject: Some("mallory".into()), ..Default::default() }).await;
+    let nobody = subjects(
+        &store,
+        AuditQuery {
+            subject: Some("mallory".into()),
+            ..Default::default()
+        },
+    )
+    .await;
     assert!(nobody.is_empty());
 }
 
@@ -195,17 +274,38 @@ async fn audit_search_time_range_is_inclusive() {
     };
     let seqs: Vec<u64> = subjects(&store, q).await.into_iter().map(|x| x.0).collect();
     assert_eq!(seqs, [2, 3, 4]);
-    let open_end = AuditQuery { from: Some(t0() + Duration::minutes(41)), ..Default::default() };
-    let seqs: Vec<u64> = subjects(&store, open_end).await.into_iter().map(|x| x.0).collect();
+    let open_end = AuditQuery {
+        from: Some(t0() + Duration::minutes(41)),
+        ..Default::default()
+    };
+    let seqs: Vec<u64> = subjects(&store, open_end)
+        .await
+        .into_iter()
+        .map(|x| x.0)
+        .collect();
     assert_eq!(seqs, [6]);
 }
 
 #[tokio::test]
 async fn audit_search_break_glass_only_and_limit() {
     let (_dir, store) = search_fixture().await;
-    let bg = subjects(&store, AuditQuery { break_glass_only: true, ..Default::default() }).await;
+    let bg = subjects(
+        &store,
+        AuditQuery {
+            break_glass_only: true,
+            ..Default::default()
+        },
+    )
+    .await;
     assert_eq!(bg, [(2, "bob".to_string()), (6, "bob".to_string())]);
-    let limited = subjects(&store, AuditQuery { limit: 2, ..Default::default() }).await;
+    let limited = subjects(
+        &store,
+        AuditQuery {
+            limit: 2,
+            ..Default::default()
+        },
+    )
+    .await;
     assert_eq!(limited.iter().map(|x| x.0).collect::<Vec<_>>(), [1, 2]);
     let all = subjects(&store, AuditQuery::default()).await;
     assert_eq!(all.len(), 6, "limit 0 means no limit");
@@ -214,7 +314,9 @@ async fn audit_search_break_glass_only_and_limit() {
 #[tokio::test]
 async fn audit_range_pages_from_a_sequence_number() {
     let (_dir, store) = open_temp();
-    let events: Vec<_> = (0..25).map(|i| event("a", Action::Read, &format!("rx-{i}"))).collect();
+    let events: Vec<_> = (0..25)
+        .map(|i| event("a", Action::Read, &format!("rx-{i}")))
+        .collect();
     store.append(&events).await.unwrap();
     let mut all = Vec::new();
     let mut from = 1;
@@ -229,7 +331,15 @@ async fn audit_range_pages_from_a_sequence_number() {
     }
     assert_eq!(all.len(), 25);
     assert_chain_valid(&all);
-    assert_eq!(store.audit_range(20, 100).await.unwrap().first().map(|e| e.seq), Some(20));
+    assert_eq!(
+        store
+            .audit_range(20, 100)
+            .await
+            .unwrap()
+            .first()
+            .map(|e| e.seq),
+        Some(20)
+    );
     assert!(store.audit_range(26, 10).await.unwrap().is_empty());
 }
 
@@ -249,7 +359,10 @@ async fn checkpoints_are_stored_in_order_and_must_be_consecutive() {
     assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
     let err = store.put_checkpoint(&cp(4, 26, 30)).await.unwrap_err();
     assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
-    assert_eq!(store.checkpoints().await.unwrap(), vec![cp(1, 1, 10), cp(2, 11, 25)]);
+    assert_eq!(
+        store.checkpoints().await.unwrap(),
+        vec![cp(1, 1, 10), cp(2, 11, 25)]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -264,7 +377,10 @@ async fn concurrent_tasks_keep_the_chain_intact() {
         handles.push(tokio::spawn(async move {
             for i in 0..per_task {
                 let id = format!("rx-{t}-{i}");
-                let events = vec![event("a", Action::Create, &id), event("a", Action::Read, &id)];
+                let events = vec![
+                    event("a", Action::Create, &id),
+                    event("a", Action::Read, &id),
+                ];
                 if i % 3 == 0 {
                     store.append(&events).await.unwrap();
                 } else {

@@ -16,7 +16,10 @@ async fn a_failing_change_set_in_a_batch_leaves_the_others_and_a_valid_chain() {
         store
             .commit(insert(
                 row(Table::Prescriptions, "t1", &id),
-                vec![event("a", Action::Create, &id), event("a", Action::Read, &id)],
+                vec![
+                    event("a", Action::Create, &id),
+                    event("a", Action::Read, &id),
+                ],
             ))
             .await
             .unwrap();
@@ -27,7 +30,10 @@ async fn a_failing_change_set_in_a_batch_leaves_the_others_and_a_valid_chain() {
     let err = store
         .commit(insert(
             dup,
-            vec![event("a", Action::Create, "rx-dup"), event("a", Action::Read, "rx-dup")],
+            vec![
+                event("a", Action::Create, "rx-dup"),
+                event("a", Action::Read, "rx-dup"),
+            ],
         ))
         .await
         .unwrap_err();
@@ -35,17 +41,33 @@ async fn a_failing_change_set_in_a_batch_leaves_the_others_and_a_valid_chain() {
     for i in 3..5 {
         let id = format!("rx-{i}");
         store
-            .commit(insert(row(Table::Prescriptions, "t1", &id), vec![event("a", Action::Create, &id)]))
+            .commit(insert(
+                row(Table::Prescriptions, "t1", &id),
+                vec![event("a", Action::Create, &id)],
+            ))
             .await
             .unwrap();
     }
-    store.append(&[event("a", Action::Read, "rx-4")]).await.unwrap();
+    store
+        .append(&[event("a", Action::Read, "rx-4")])
+        .await
+        .unwrap();
     store.end_batch().unwrap();
 
     for i in 0..5 {
-        assert!(store.get(Table::Prescriptions, "t1", &format!("rx-{i}")).await.unwrap().is_some());
+        assert!(store
+            .get(Table::Prescriptions, "t1", &format!("rx-{i}"))
+            .await
+            .unwrap()
+            .is_some());
     }
-    assert_eq!(store.get(Table::Prescriptions, "t1", "rx-dup").await.unwrap(), None);
+    assert_eq!(
+        store
+            .get(Table::Prescriptions, "t1", "rx-dup")
+            .await
+            .unwrap(),
+        None
+    );
     let stored = store.audit_range(1, 100).await.unwrap();
     assert_eq!(stored.len(), 3 * 2 + 2 + 1);
     assert_chain_valid(&stored);
@@ -62,7 +84,10 @@ async fn a_batch_is_invisible_to_other_connections_until_it_ends_and_durable_aft
     for i in 0..10 {
         let id = format!("rx-{i}");
         store
-            .commit(insert(row(Table::Prescriptions, "t1", &id), vec![event("a", Action::Create, &id)]))
+            .commit(insert(
+                row(Table::Prescriptions, "t1", &id),
+                vec![event("a", Action::Create, &id)],
+            ))
             .await
             .unwrap();
     }
@@ -75,7 +100,14 @@ async fn a_batch_is_invisible_to_other_connections_until_it_ends_and_durable_aft
     drop(reader);
 
     let reopened = SqliteStore::open(&path).unwrap();
-    assert_eq!(reopened.list(Table::Prescriptions, "t1", None, None, 100).await.unwrap().len(), 10);
+    assert_eq!(
+        reopened
+            .list(Table::Prescriptions, "t1", None, None, 100)
+            .await
+            .unwrap()
+            .len(),
+        10
+    );
     assert_chain_valid(&reopened.audit_range(1, 100).await.unwrap());
 }
 
@@ -87,12 +119,19 @@ async fn a_batch_left_open_is_committed_when_the_store_closes() {
         let store = SqliteStore::open(&path).unwrap();
         store.begin_batch().unwrap();
         store
-            .commit(insert(row(Table::Prescriptions, "t1", "rx-1"), vec![event("a", Action::Create, "rx-1")]))
+            .commit(insert(
+                row(Table::Prescriptions, "t1", "rx-1"),
+                vec![event("a", Action::Create, "rx-1")],
+            ))
             .await
             .unwrap();
     }
     let store = SqliteStore::open(&path).unwrap();
-    assert!(store.get(Table::Prescriptions, "t1", "rx-1").await.unwrap().is_some());
+    assert!(store
+        .get(Table::Prescriptions, "t1", "rx-1")
+        .await
+        .unwrap()
+        .is_some());
     assert_eq!(store.audit_len().await.unwrap(), 1);
 }
 
@@ -101,7 +140,10 @@ fn nested_begin_and_end_without_begin_are_refused() {
     let (_dir, store) = open_temp();
     assert!(matches!(store.end_batch(), Err(StoreError::Unavailable(_))));
     store.begin_batch().unwrap();
-    assert!(matches!(store.begin_batch(), Err(StoreError::Unavailable(_))));
+    assert!(matches!(
+        store.begin_batch(),
+        Err(StoreError::Unavailable(_))
+    ));
     store.end_batch().unwrap();
     store.begin_batch().unwrap();
     store.end_batch().unwrap();
@@ -111,10 +153,25 @@ fn nested_begin_and_end_without_begin_are_refused() {
 async fn commits_after_a_batch_ends_are_their_own_transactions() {
     let (_dir, store) = open_temp();
     store.begin_batch().unwrap();
-    store.commit(insert(row(Table::Patients, "t1", "p-1"), vec![])).await.unwrap();
+    store
+        .commit(insert(row(Table::Patients, "t1", "p-1"), vec![]))
+        .await
+        .unwrap();
     store.end_batch().unwrap();
-    store.commit(insert(row(Table::Patients, "t1", "p-2"), vec![])).await.unwrap();
-    let dup = store.commit(insert(row(Table::Patients, "t1", "p-2"), vec![])).await;
+    store
+        .commit(insert(row(Table::Patients, "t1", "p-2"), vec![]))
+        .await
+        .unwrap();
+    let dup = store
+        .commit(insert(row(Table::Patients, "t1", "p-2"), vec![]))
+        .await;
     assert!(matches!(dup, Err(StoreError::Conflict(_))));
-    assert_eq!(store.list(Table::Patients, "t1", None, None, 10).await.unwrap().len(), 2);
+    assert_eq!(
+        store
+            .list(Table::Patients, "t1", None, None, 10)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
 }

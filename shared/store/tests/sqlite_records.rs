@@ -14,9 +14,15 @@ async fn inserted_row_reads_back_by_id_key_and_index() {
     let r = row(Table::Prescriptions, "t1", "rx-1");
     store.commit(insert(r.clone(), vec![])).await.unwrap();
 
-    assert_eq!(store.get(Table::Prescriptions, "t1", "rx-1").await.unwrap(), Some(r.clone()));
     assert_eq!(
-        store.get_by_key(Table::Prescriptions, "t1", b"key-rx-1").await.unwrap(),
+        store.get(Table::Prescriptions, "t1", "rx-1").await.unwrap(),
+        Some(r.clone())
+    );
+    assert_eq!(
+        store
+            .get_by_key(Table::Prescriptions, "t1", b"key-rx-1")
+            .await
+            .unwrap(),
         Some(r.clone())
     );
     assert_eq!(
@@ -27,7 +33,10 @@ async fn inserted_row_reads_back_by_id_key_and_index() {
         vec![r]
     );
     // Another table with the same id holds nothing.
-    assert_eq!(store.get(Table::Patients, "t1", "rx-1").await.unwrap(), None);
+    assert_eq!(
+        store.get(Table::Patients, "t1", "rx-1").await.unwrap(),
+        None
+    );
 }
 
 #[tokio::test]
@@ -38,7 +47,13 @@ async fn reads_are_scoped_to_the_tenant() {
         .await
         .unwrap();
     assert_eq!(store.get(Table::Patients, "t2", "p-1").await.unwrap(), None);
-    assert_eq!(store.get_by_key(Table::Patients, "t2", b"key-p-1").await.unwrap(), None);
+    assert_eq!(
+        store
+            .get_by_key(Table::Patients, "t2", b"key-p-1")
+            .await
+            .unwrap(),
+        None
+    );
     assert!(store
         .find_by_index(Table::Patients, "t2", b"patient-blind-index-1")
         .await
@@ -55,7 +70,10 @@ async fn same_key_in_another_tenant_is_allowed() {
     store.commit(insert(a, vec![])).await.unwrap();
     store.commit(insert(b.clone(), vec![])).await.unwrap();
     assert_eq!(
-        store.get_by_key(Table::Prescriptions, "t2", b"key-rx-1").await.unwrap(),
+        store
+            .get_by_key(Table::Prescriptions, "t2", b"key-rx-1")
+            .await
+            .unwrap(),
         Some(b)
     );
 }
@@ -78,7 +96,10 @@ async fn insert_with_duplicate_key_or_id_is_a_conflict() {
     let err = store.commit(insert(same_id, vec![])).await.unwrap_err();
     assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
 
-    assert_eq!(store.get(Table::Prescriptions, "t1", "rx-2").await.unwrap(), None);
+    assert_eq!(
+        store.get(Table::Prescriptions, "t1", "rx-2").await.unwrap(),
+        None
+    );
 }
 
 #[tokio::test]
@@ -91,7 +112,11 @@ async fn rows_without_key_do_not_collide() {
         store.commit(insert(r, vec![])).await.unwrap();
     }
     assert_eq!(
-        store.list(Table::Inputs, "t1", None, None, 10).await.unwrap().len(),
+        store
+            .list(Table::Inputs, "t1", None, None, 10)
+            .await
+            .unwrap()
+            .len(),
         2
     );
 }
@@ -103,7 +128,11 @@ async fn conflict_message_carries_no_sealed_bytes_or_key() {
     r.sealed = b"SEALED-SECRET-BYTES".to_vec();
     r.key = Some(b"KEY-SECRET".to_vec());
     store.commit(insert(r.clone(), vec![])).await.unwrap();
-    let text = store.commit(insert(r, vec![])).await.unwrap_err().to_string();
+    let text = store
+        .commit(insert(r, vec![]))
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(!text.contains("SEALED-SECRET"), "{text}");
     assert!(!text.contains("KEY-SECRET"), "{text}");
     assert!(!text.contains(&hex::encode(b"KEY-SECRET")), "{text}");
@@ -122,12 +151,19 @@ async fn update_at_the_read_version_stores_the_new_version() {
     next.sealed = b"new body".to_vec();
     store
         .commit(Changes {
-            writes: vec![Write::Update { row: next.clone(), expected_version: 1 }],
+            writes: vec![Write::Update {
+                row: next.clone(),
+                expected_version: 1,
+            }],
             ..Changes::default()
         })
         .await
         .unwrap();
-    let got = store.get(Table::Prescriptions, "t1", "rx-1").await.unwrap().unwrap();
+    let got = store
+        .get(Table::Prescriptions, "t1", "rx-1")
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(got, next);
     assert_eq!(got.created_at, r.created_at, "created_at is kept");
 }
@@ -136,13 +172,19 @@ async fn update_at_the_read_version_stores_the_new_version() {
 async fn stale_version_is_a_conflict_and_nothing_of_the_change_set_is_stored() {
     let (_dir, store) = open_temp();
     let r = row(Table::Prescriptions, "t1", "rx-1");
-    store.commit(insert(r.clone(), vec![event("u", Action::Create, "rx-1")])).await.unwrap();
+    store
+        .commit(insert(r.clone(), vec![event("u", Action::Create, "rx-1")]))
+        .await
+        .unwrap();
     let mut v2 = r.clone();
     v2.version = 2;
     v2.status = "validated".into();
     store
         .commit(Changes {
-            writes: vec![Write::Update { row: v2.clone(), expected_version: 1 }],
+            writes: vec![Write::Update {
+                row: v2.clone(),
+                expected_version: 1,
+            }],
             ..Changes::default()
         })
         .await
@@ -156,7 +198,10 @@ async fn stale_version_is_a_conflict_and_nothing_of_the_change_set_is_stored() {
         .commit(Changes {
             writes: vec![
                 Write::Insert(row(Table::Patients, "t1", "p-9")),
-                Write::Update { row: stale, expected_version: 1 },
+                Write::Update {
+                    row: stale,
+                    expected_version: 1,
+                },
             ],
             transitions: vec![TransitionRow {
                 rx_id: "rx-1".into(),
@@ -168,13 +213,19 @@ async fn stale_version_is_a_conflict_and_nothing_of_the_change_set_is_stored() {
                 actor: "system:validate".into(),
                 function: "validate".into(),
             }],
-            audit: vec![event("u", Action::Update, "rx-1"), event("u", Action::Read, "p-9")],
+            audit: vec![
+                event("u", Action::Update, "rx-1"),
+                event("u", Action::Read, "p-9"),
+            ],
         })
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
 
-    assert_eq!(store.get(Table::Prescriptions, "t1", "rx-1").await.unwrap(), Some(v2));
+    assert_eq!(
+        store.get(Table::Prescriptions, "t1", "rx-1").await.unwrap(),
+        Some(v2)
+    );
     assert_eq!(store.get(Table::Patients, "t1", "p-9").await.unwrap(), None);
     assert!(store.transitions("t1", "rx-1").await.unwrap().is_empty());
     assert_eq!(store.audit_len().await.unwrap(), 1);
@@ -187,7 +238,10 @@ async fn update_of_a_missing_record_or_wrong_next_version_is_a_conflict() {
     ghost.version = 2;
     let err = store
         .commit(Changes {
-            writes: vec![Write::Update { row: ghost, expected_version: 1 }],
+            writes: vec![Write::Update {
+                row: ghost,
+                expected_version: 1,
+            }],
             ..Changes::default()
         })
         .await
@@ -200,14 +254,22 @@ async fn update_of_a_missing_record_or_wrong_next_version_is_a_conflict() {
     skip.version = 3;
     let err = store
         .commit(Changes {
-            writes: vec![Write::Update { row: skip, expected_version: 1 }],
+            writes: vec![Write::Update {
+                row: skip,
+                expected_version: 1,
+            }],
             ..Changes::default()
         })
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
     assert_eq!(
-        store.get(Table::Prescriptions, "t1", "rx-1").await.unwrap().unwrap().version,
+        store
+            .get(Table::Prescriptions, "t1", "rx-1")
+            .await
+            .unwrap()
+            .unwrap()
+            .version,
         1
     );
 }
@@ -249,7 +311,13 @@ async fn list_pages_in_id_order_and_filters_by_status() {
     let ids: Vec<_> = validated.iter().map(|r| r.id.as_str()).collect();
     assert_eq!(ids, ["rx-1", "rx-3", "rx-5"]);
     let after_1 = store
-        .list(Table::Prescriptions, "t1", Some("validated"), Some("rx-1"), 1)
+        .list(
+            Table::Prescriptions,
+            "t1",
+            Some("validated"),
+            Some("rx-1"),
+            1,
+        )
         .await
         .unwrap();
     assert_eq!(after_1.len(), 1);
@@ -273,7 +341,11 @@ async fn count_by_status_counts_every_tenant() {
         store.count_by_status(Table::Prescriptions).await.unwrap(),
         vec![("dispensed".to_string(), 1), ("received".to_string(), 3)]
     );
-    assert!(store.count_by_status(Table::Patients).await.unwrap().is_empty());
+    assert!(store
+        .count_by_status(Table::Patients)
+        .await
+        .unwrap()
+        .is_empty());
 }
 
 #[tokio::test]
@@ -309,13 +381,22 @@ async fn transitions_come_back_in_the_order_recorded() {
         actor: "system:pipeline".into(),
         function: "validate".into(),
     };
-    let all = vec![tr(1, None, "received"), tr(2, Some("received"), "validated")];
+    let all = vec![
+        tr(1, None, "received"),
+        tr(2, Some("received"), "validated"),
+    ];
     store
-        .commit(Changes { transitions: all[..1].to_vec(), ..Changes::default() })
+        .commit(Changes {
+            transitions: all[..1].to_vec(),
+            ..Changes::default()
+        })
         .await
         .unwrap();
     store
-        .commit(Changes { transitions: all[1..].to_vec(), ..Changes::default() })
+        .commit(Changes {
+            transitions: all[1..].to_vec(),
+            ..Changes::default()
+        })
         .await
         .unwrap();
     assert_eq!(store.transitions("t1", "rx-1").await.unwrap(), all);
@@ -336,7 +417,10 @@ async fn data_survives_reopen() {
             .unwrap();
     }
     let store = SqliteStore::open(&path).unwrap();
-    assert_eq!(store.get(Table::Prescribers, "t1", "pr-1").await.unwrap(), Some(r));
+    assert_eq!(
+        store.get(Table::Prescribers, "t1", "pr-1").await.unwrap(),
+        Some(r)
+    );
     assert_eq!(store.audit_len().await.unwrap(), 1);
     assert_chain_valid(&store.audit_range(1, 10).await.unwrap());
 }
@@ -347,7 +431,10 @@ async fn store_file_is_private_to_its_owner() {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(dir.path().join("rx.db")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(dir.path().join("rx.db"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o077, 0, "mode {mode:o}");
     }
 }
@@ -360,7 +447,9 @@ fn file_from_a_newer_schema_is_refused() {
     let conn = rusqlite::Connection::open(&path).unwrap();
     conn.pragma_update(None, "user_version", 99).unwrap();
     drop(conn);
-    let err = SqliteStore::open(&path).err().expect("newer schema must be refused");
+    let err = SqliteStore::open(&path)
+        .err()
+        .expect("newer schema must be refused");
     assert!(matches!(err, StoreError::Corrupt(_)), "{err:?}");
     assert!(err.to_string().contains("upgrade rxflow"), "{err}");
 }
@@ -370,6 +459,8 @@ fn a_file_that_is_not_a_database_is_reported_corrupt() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("rx.db");
     std::fs::write(&path, vec![0x42u8; 8192]).unwrap();
-    let err = SqliteStore::open(&path).err().expect("garbage must be refused");
+    let err = SqliteStore::open(&path)
+        .err()
+        .expect("garbage must be refused");
     assert!(matches!(err, StoreError::Corrupt(_)), "{err:?}");
 }

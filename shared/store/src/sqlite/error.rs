@@ -13,10 +13,12 @@ pub(crate) fn map(what: &str, err: rusqlite::Error) -> StoreError {
             ErrorCode::DiskFull => StoreError::Unavailable(format!(
                 "{what}: the disk holding the store is full; free space and retry"
             )),
-            ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked => StoreError::Unavailable(format!(
-                "{what}: the store file is locked by another process; stop the other rxflow \
+            ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked => {
+                StoreError::Unavailable(format!(
+                    "{what}: the store file is locked by another process; stop the other rxflow \
                  process using this data directory or retry later"
-            )),
+                ))
+            }
             ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase => StoreError::Corrupt(format!(
                 "{what}: the store file is damaged or is not an rxflow store; restore it from a \
                  backup"

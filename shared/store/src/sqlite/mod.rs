@@ -24,7 +24,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use rusqlite::types::{Type, Value};
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension};
 
-use rx_guard::audit::{AuditEvent, AuditQuery, AuditSink, ChainedEvent};
+use rx_guard::audit::{chain, AuditEvent, AuditQuery, AuditSink, ChainedEvent};
 use rx_guard::GuardError;
 
 use crate::port::{
@@ -481,24 +481,6 @@ fn append_events(conn: &Connection, events: &[AuditEvent]) -> StoreResult<()> {
     Ok(())
 }
 
-/// The chain function. TODO: swap for `rx_guard::audit::chain::{link, GENESIS}` once rx-guard's
-/// chain.rs lands (same construction: SHA-256 of the domain tag, the previous hash, the body).
-mod chain {
-    use aws_lc_rs::digest;
-
-    pub(super) const GENESIS: [u8; 32] = [0u8; 32];
-
-    pub(super) fn link(prev: &[u8; 32], body: &[u8]) -> [u8; 32] {
-        let mut ctx = digest::Context::new(&digest::SHA256);
-        ctx.update(b"rxflow-audit-v1");
-        ctx.update(prev);
-        ctx.update(body);
-        let mut out = [0u8; 32];
-        out.copy_from_slice(ctx.finish().as_ref());
-        out
-    }
-}
-
 #[async_trait]
 impl AuditSink for SqliteStore {
     async fn append(&self, events: &[AuditEvent]) -> rx_guard::Result<()> {
@@ -525,12 +507,7 @@ impl RecordStore for SqliteStore {
         )
     }
 
-    async fn get_by_key(
-        &self,
-        table: Table,
-        tenant: &str,
-        key: &[u8],
-    ) -> StoreResult<Option<Row>> {
+    async fn get_by_key(&self, table: Table, tenant: &str, key: &[u8]) -> StoreResult<Option<Row>> {
         self.read(
             |conn, tables| {
                 conn.prepare_cached(&tables[table_slot(table)].get_by_key)?
@@ -651,7 +628,11 @@ impl RecordStore for SqliteStore {
         )
     }
 
-    async fn audit_range(&self, from_seq: u64, limit_rows: usize) -> StoreResult<Vec<ChainedEvent>> {
+    async fn audit_range(
+        &self,
+        from_seq: u64,
+        limit_rows: usize,
+    ) -> StoreResult<Vec<ChainedEvent>> {
         let from = i64::try_from(from_seq).unwrap_or(i64::MAX);
         let n = limit(limit_rows);
         self.read(

@@ -139,9 +139,7 @@ impl TableSql {
             ),
             list: format!("{select} WHERE tenant = ?1 ORDER BY id LIMIT ?2"),
             list_after: format!("{select} WHERE tenant = ?1 AND id > ?3 ORDER BY id LIMIT ?2"),
-            list_status: format!(
-                "{select} WHERE tenant = ?1 AND status = ?3 ORDER BY id LIMIT ?2"
-            ),
+            list_status: format!("{select} WHERE tenant = ?1 AND status = ?3 ORDER BY id LIMIT ?2"),
             list_status_after: format!(
                 "{select} WHERE tenant = ?1 AND status = ?3 AND id > ?4 ORDER BY id LIMIT ?2"
             ),

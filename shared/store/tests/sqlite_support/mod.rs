@@ -79,8 +79,17 @@ pub fn assert_chain_valid(events: &[ChainedEvent]) {
     let mut prev = GENESIS;
     for (i, e) in events.iter().enumerate() {
         assert_eq!(e.seq, i as u64 + 1, "seq gap at position {i}");
-        assert_eq!(e.prev_hash, prev, "prev hash of seq {} is not the hash before it", e.seq);
-        assert_eq!(e.hash, link(&prev, &e.body), "hash of seq {} does not recompute", e.seq);
+        assert_eq!(
+            e.prev_hash, prev,
+            "prev hash of seq {} is not the hash before it",
+            e.seq
+        );
+        assert_eq!(
+            e.hash,
+            link(&prev, &e.body),
+            "hash of seq {} does not recompute",
+            e.seq
+        );
         prev = e.hash;
     }
 }

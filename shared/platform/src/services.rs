@@ -1,0 +1,130 @@
+//! The ports a handler works over, and their embedded wiring.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rx_domain::drugs::DrugTable;
+use rx_domain::dur::DurConfig;
+use rx_domain::validate::Rules;
+use rx_guard::blind::BlindIndex;
+use rx_guard::envelope::{CacheLimits, Sealer};
+use rx_guard::keys::{load_or_create_secret, LocalKeyProvider};
+use rx_guard::GuardError;
+use rx_store::repo::Vault;
+use rx_store::sqlite::SqliteStore;
+use rx_store::StoreError;
+
+use crate::clock::Clock;
+use crate::config::Config;
+
+/// What every handler gets: sealed and audited storage, business time, rules, reference data.
+#[derive(Clone)]
+pub struct Services {
+    pub vault: Vault,
+    pub clock: Arc<dyn Clock>,
+    pub rules: Rules,
+    pub dur: DurConfig,
+    pub drugs: &'static DrugTable,
+}
+
+/// The embedded deployment: everything in one data directory.
+pub struct Embedded {
+    pub services: Services,
+    pub store: Arc<SqliteStore>,
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("cannot create the data directory {path}: {source}")]
+    DataDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("key material in {dir}: {source}")]
+    Keys {
+        dir: String,
+        #[source]
+        source: GuardError,
+    },
+    #[error("the store in {path}: {source}")]
+    Store {
+        path: String,
+        #[source]
+        source: StoreError,
+    },
+}
+
+/// Paths inside a data directory.
+pub struct DataDir<'a>(pub &'a Path);
+
+impl DataDir<'_> {
+    pub fn db(&self) -> PathBuf {
+        self.0.join("rxflow.db")
+    }
+    pub fn keys(&self) -> PathBuf {
+        self.0.join("keys")
+    }
+    pub fn blind_index_key(&self) -> PathBuf {
+        self.keys().join("blind-index.key")
+    }
+    pub fn audit_signing_key(&self) -> PathBuf {
+        self.keys().join("audit-signing.pk8")
+    }
+}
+
+impl Embedded {
+    /// Open (creating on first use) the embedded deployment in `config.data_dir`.
+    pub fn open(config: &Config, clock: Arc<dyn Clock>) -> Result<Self, SetupError> {
+        let dir = &config.data_dir;
+        let paths = DataDir(dir);
+        create_private_dir(dir)?;
+        create_private_dir(&paths.keys())?;
+        let keys_err = |source| SetupError::Keys {
+            dir: paths.keys().display().to_string(),
+            source,
+        };
+        let provider = LocalKeyProvider::open_or_create(&paths.keys()).map_err(keys_err)?;
+        let index_key = load_or_create_secret(&paths.blind_index_key()).map_err(keys_err)?;
+        let store =
+            Arc::new(
+                SqliteStore::open(&paths.db()).map_err(|source| SetupError::Store {
+                    path: paths.db().display().to_string(),
+                    source,
+                })?,
+            );
+        let sealer = Arc::new(Sealer::new(Arc::new(provider), CacheLimits::default()));
+        let index = Arc::new(BlindIndex::new(&index_key));
+        let vault = Vault::new(store.clone(), sealer, index);
+        Ok(Embedded {
+            services: Services {
+                vault,
+                clock,
+                rules: config.rules.clone(),
+                dur: config.dur.clone(),
+                drugs: DrugTable::embedded(),
+            },
+            store,
+            data_dir: dir.clone(),
+        })
+    }
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), SetupError> {
+    let err = |source| SetupError::DataDir {
+        path: dir.display().to_string(),
+        source,
+    };
+    if dir.exists() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir).map_err(err)?;
+    // Only a directory we created is narrowed to the owner: never chmod a user's folder.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+    }
+    Ok(())
+}
