@@ -354,3 +354,39 @@ pub async fn register_prescriber(
         .await?;
     Ok(id)
 }
+
+/// An input that could not be taken in (a malformed NDJSON line, a resource that does not
+/// parse), kept sealed in the inputs table for follow-up so nothing submitted is lost.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct QuarantinedInput {
+    /// Where it came from: `<file>:<line>` or `http:<request id>`.
+    pub origin: String,
+    /// The input as received (may hold PHI: sealed).
+    pub raw: String,
+    /// Why it was refused (PHI-free: the parsers never quote values).
+    pub error: String,
+}
+
+/// Keep an input that could not be processed, sealed, with one quarantine audit event. Returns
+/// the input's id.
+pub async fn quarantine(
+    svc: &Services,
+    cx: &AuditCtx,
+    tenant: &str,
+    input: &QuarantinedInput,
+) -> Result<String, StepError> {
+    let id = uuid::Uuid::now_v7().to_string();
+    let (write, mut ev) = svc
+        .vault
+        .new_row(cx, Table::Inputs, tenant, &id, "quarantined", None, None, input)
+        .await?;
+    ev.action = rx_guard::audit::Action::Quarantine;
+    svc.vault
+        .commit(Changes {
+            writes: vec![write],
+            transitions: Vec::new(),
+            audit: vec![ev],
+        })
+        .await?;
+    Ok(id)
+}

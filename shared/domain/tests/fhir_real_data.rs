@@ -13,6 +13,8 @@ fn data_dir(sub: &str) -> Option<PathBuf> {
         .join(sub);
     if d.is_dir() {
         Some(d)
+    } else if std::env::var_os("RXFLOW_STRICT").is_some() {
+        panic!("RXFLOW_STRICT is set but {} is absent", d.display());
     } else {
         eprintln!(
             "skipped: {} is absent (the team's shared data folder)",

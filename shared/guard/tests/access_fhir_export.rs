@@ -197,8 +197,13 @@ fn fhir_python() -> Option<PathBuf> {
     let probe = Command::new(&py)
         .args(["-c", "import fhir.resources.R4B.auditevent"])
         .output();
+    let strict = std::env::var_os("RXFLOW_STRICT").is_some();
     match probe {
         Ok(o) if o.status.success() => Some(py),
+        _ if strict => panic!(
+            "RXFLOW_STRICT is set but {} cannot import fhir.resources.R4B; run .ci/run's install step",
+            py.display()
+        ),
         Ok(_) => {
             println!(
                 "SKIPPED: {} has no fhir.resources (python3 -m venv .venv-tools && .venv-tools/bin/pip install fhir.resources)",
