@@ -1,1 +1,223 @@
-//! (in progress)
+//! dispense (`POST /prescriptions/{id}/dispenses`): record one fill of a verified order — all or
+//! part of the current fill — and answer with the FHIR MedicationDispense.
+//!
+//! The fill and the patient's medication profile (its last fill, which early-refill DUR reads)
+//! are written in one commit with their audit events.
+
+use rx_domain::fhir::medication_dispense;
+use rx_domain::validate::{check_fill, next_refill_number};
+use rx_domain::{Fill, PatientRecord, PrescriptionRecord, Status, Transition};
+use rx_guard::access::{Action, Principal};
+use rx_platform::event::PipelineEvent;
+use rx_platform::flow::{emit, load_patient, load_rx_as, save_rx};
+use rx_platform::{Services, StepError};
+use rx_store::repo::{domains, AuditCtx, PatientFile, ProfileEntry};
+use rx_store::{Changes, Table};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+pub const FUNCTION: &str = "dispense";
+
+/// Quantities closer than this count as equal (decimal units such as mL).
+const EPSILON: f64 = 1e-6;
+
+/// The request body: `{"quantity": 10, "daysSupply": 5}`, both optional.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DispenseRequest {
+    /// Defaults to what remains of the current fill.
+    #[serde(default)]
+    pub quantity: Option<f64>,
+    /// Defaults to the order's days supply, in proportion for a part fill.
+    #[serde(default)]
+    pub days_supply: Option<u32>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DispenseOutput {
+    pub rx_id: String,
+    pub status: Status,
+    pub version: u64,
+    /// The FHIR R4 MedicationDispense of this fill.
+    pub dispense: Value,
+    pub events: Vec<PipelineEvent>,
+}
+
+/// Record a fill of a verified (or partially dispensed) order.
+pub async fn handle(
+    svc: &Services,
+    p: &Principal,
+    source_ip: Option<String>,
+    rx_id: &str,
+    req: &DispenseRequest,
+) -> Result<DispenseOutput, StepError> {
+    let (cx, rx) = load_rx_as(
+        svc,
+        p,
+        FUNCTION,
+        source_ip,
+        Action::DispensePrescription,
+        rx_id,
+    )
+    .await?;
+    if !matches!(
+        rx.status,
+        Status::Verified | Status::PartiallyDispensed | Status::Dispensed
+    ) {
+        return Err(not_dispensable(rx.id(), rx.status));
+    }
+    let now = svc.clock.now();
+    // The rule that refuses another fill says why better than the status does.
+    check_fill(&rx.record, svc.drugs, &svc.rules, now)
+        .map_err(|r| StepError::Refused(r.message))?;
+    if rx.status == Status::Dispensed {
+        return Err(not_dispensable(rx.id(), rx.status));
+    }
+
+    let mut record = rx.record.clone();
+    let fill = next_fill(&record, req, &p.subject, now)?;
+    let more_later = fill.partial || fill.refill_number < record.order.refills.unwrap_or(0);
+    let transition = if more_later {
+        Transition::DispensePartial
+    } else {
+        Transition::DispenseComplete
+    };
+    record.fills.push(fill.clone());
+
+    let profile = profile_update(svc, &cx, rx.tenant(), rx.id(), &record, &fill).await?;
+    let saved = save_rx(svc, &cx, &rx, &[transition], &record, profile).await?;
+    let patient_reference = format!("Patient/{}", record.order.patient_ref);
+    Ok(DispenseOutput {
+        rx_id: rx.id().to_string(),
+        status: saved.status,
+        version: saved.version,
+        dispense: medication_dispense(&fill.id, rx.id(), &record, &fill, &patient_reference),
+        events: emit(&rx, &saved),
+    })
+}
+
+fn not_dispensable(rx_id: &str, status: Status) -> StepError {
+    StepError::Conflict(format!(
+        "prescription {rx_id} is {status}; only a verified or partially dispensed order can be dispensed"
+    ))
+}
+
+/// The fill this request makes: its refill number, quantity (at most what remains of the current
+/// fill), days supply and whether it leaves part of the fill for later.
+fn next_fill(
+    record: &PrescriptionRecord,
+    req: &DispenseRequest,
+    by: &str,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<Fill, StepError> {
+    let refill_number = next_refill_number(record);
+    let already: f64 = record
+        .fills
+        .iter()
+        .filter(|f| f.refill_number == refill_number)
+        .map(|f| f.quantity)
+        .sum();
+    let per_fill = record.order.quantity;
+    let remaining = per_fill.map(|q| (q - already).max(0.0));
+    let quantity = match (req.quantity, remaining) {
+        (Some(q), _) => q,
+        (None, Some(r)) => r,
+        (None, None) => {
+            return Err(StepError::Invalid {
+                code: "required",
+                message: "the order states no quantity per fill, so the dispense must give one"
+                    .into(),
+                expression: Some("quantity".into()),
+            })
+        }
+    };
+    if !(quantity.is_finite() && quantity > 0.0) {
+        return Err(StepError::Invalid {
+            code: "value",
+            message: "the quantity to dispense must be a positive number".into(),
+            expression: Some("quantity".into()),
+        });
+    }
+    if let Some(r) = remaining {
+        if quantity > r + EPSILON {
+            let unit = record.order.quantity_unit.as_deref().unwrap_or("unit(s)");
+            return Err(StepError::Refused(format!(
+                "the dispense asks for {quantity} {unit}, but only {r} {unit} remain of this fill; dispense at most what remains"
+            )));
+        }
+    }
+    let partial = remaining.is_some_and(|r| quantity < r - EPSILON);
+    let days_supply = req
+        .days_supply
+        .or(match (record.order.days_supply, per_fill) {
+            // A part fill lasts its share of the fill's supply (early-refill DUR counts from it).
+            (Some(d), Some(q)) if partial && q > 0.0 => {
+                Some(((f64::from(d) * quantity / q).floor() as u32).max(1))
+            }
+            (d, _) => d,
+        });
+    Ok(Fill {
+        id: uuid::Uuid::now_v7().to_string(),
+        at: now,
+        quantity,
+        days_supply,
+        by: by.to_string(),
+        refill_number,
+        partial,
+    })
+}
+
+/// The patient's file with this fill as the order's last fill, ready for the same commit.
+async fn profile_update(
+    svc: &Services,
+    cx: &AuditCtx,
+    tenant: &str,
+    rx_id: &str,
+    record: &PrescriptionRecord,
+    fill: &Fill,
+) -> Result<Changes, StepError> {
+    let patient_ref = &record.order.patient_ref;
+    let existing = load_patient(svc, cx, tenant, patient_ref).await?;
+    let mut file = existing
+        .as_ref()
+        .map(|d| d.body.clone())
+        .unwrap_or_else(|| PatientFile {
+            patient: PatientRecord {
+                source_id: patient_ref.clone(),
+                ..Default::default()
+            },
+            profile: Vec::new(),
+        });
+    match file.profile.iter_mut().find(|e| e.rx_id == rx_id) {
+        Some(e) => e.last_fill = Some(fill.clone()),
+        None => file.profile.push(ProfileEntry {
+            rx_id: rx_id.to_string(),
+            order: record.order.clone(),
+            last_fill: Some(fill.clone()),
+        }),
+    }
+    let (write, ev) = match &existing {
+        Some(doc) => svc.vault.updated_row(cx, &doc.row, "active", &file).await?,
+        None => {
+            let idx = svc.vault.blind(domains::PATIENT, patient_ref);
+            svc.vault
+                .new_row(
+                    cx,
+                    Table::Patients,
+                    tenant,
+                    &uuid::Uuid::now_v7().to_string(),
+                    "active",
+                    Some(idx.clone()),
+                    Some(idx),
+                    &file,
+                )
+                .await?
+        }
+    };
+    Ok(Changes {
+        writes: vec![write],
+        transitions: Vec::new(),
+        audit: vec![ev],
+    })
+}

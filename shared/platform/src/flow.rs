@@ -2,8 +2,9 @@
 //! through the one state machine, seal and store the new version with its transition rows and
 //! audit events in one atomic change set.
 
-use rx_domain::{PrescriptionRecord, Status, Transition};
-use rx_guard::access::Principal;
+use chrono::{DateTime, Utc};
+use rx_domain::{PrescriberRef, PrescriptionRecord, Status, Transition};
+use rx_guard::access::{self, Decision, DenyReason, Policy, Principal, Resource};
 use rx_guard::audit::{Action, Outcome, Purpose};
 use rx_store::repo::{domains, transition, AuditCtx, PatientFile, Stored};
 use rx_store::{Changes, Row, Table};
@@ -182,3 +183,132 @@ pub async fn deny(
         Err(e) => e.into(),
     }
 }
+
+// People acting on one prescription (verify, dispense, records): the access policy decides with
+// the record's attributes, and every refusal lands in the audit trail.
+
+/// Whether `p` holds an active break-glass grant of their own at `now`: the rule the access
+/// policy applies, so the audit context can flag every access of the request from its first read.
+pub fn break_glass_active(p: &Principal, now: DateTime<Utc>) -> bool {
+    p.break_glass
+        .as_ref()
+        .is_some_and(|g| g.subject == p.subject && g.is_active(now))
+}
+
+/// The attributes the access policy needs of a prescription (no PHI). An order whose product the
+/// reference table does not know counts as controlled: nothing shows it is not (fail closed).
+pub fn resource_of<'a>(svc: &Services, rx: &'a Rx) -> Resource<'a> {
+    let r = &rx.record;
+    let controlled = r
+        .order
+        .medication
+        .rxnorm
+        .as_deref()
+        .and_then(|c| svc.drugs.product(c))
+        .is_none_or(|p| p.is_controlled());
+    let npi = r
+        .prescriber
+        .as_ref()
+        .and_then(|p| p.npi.as_deref())
+        .or(match &r.order.requester {
+            PrescriberRef::Npi(n) => Some(n.as_str()),
+            PrescriberRef::Inline(p) => p.npi.as_deref(),
+            _ => None,
+        });
+    Resource {
+        tenant: rx.tenant(),
+        prescriber_subject: Some(r.submitted_by.as_str()),
+        prescriber_npi: npi,
+        controlled,
+    }
+}
+
+/// Decide `action` by `p` (on `res`, when it concerns one record) with the embedded policy; a
+/// refusal is audited against `kind`/`id` (and the patient's blind index) and returned as
+/// Forbidden. The audit detail is `<action>:<reason code>`, as [`rx_guard::access::audit_event`]
+/// writes it.
+#[allow(clippy::too_many_arguments)]
+pub async fn authorize(
+    svc: &Services,
+    cx: &AuditCtx,
+    p: &Principal,
+    action: access::Action,
+    res: Option<&Resource<'_>>,
+    kind: &str,
+    id: &str,
+    patient: Option<&[u8]>,
+) -> Result<(), StepError> {
+    match Policy::embedded().decide(p, action, res, Utc::now()) {
+        Decision::Allow { .. } => Ok(()),
+        Decision::Deny(why) => Err(deny(
+            svc,
+            cx,
+            kind,
+            id,
+            patient,
+            &format!("{}:{}", action.as_str(), why.code()),
+            why.sentence(),
+        )
+        .await),
+    }
+}
+
+/// Load prescription `rx_id` of the caller's tenant for `action` by a person, and return it with
+/// the audit context the rest of the request acts under (flagged under break-glass).
+///
+/// A role that may never do `action` is refused before anything is opened. An id that is not a
+/// prescription of the caller's tenant is NotFound (whether it exists elsewhere is not told) and
+/// audited as a denial. Otherwise the record is read (that read is the request's one audited
+/// read) and the policy decides with its attributes: tenant, own order, MFA, separation of duties.
+pub async fn load_rx_as(
+    svc: &Services,
+    p: &Principal,
+    function: &'static str,
+    source_ip: Option<String>,
+    action: access::Action,
+    rx_id: &str,
+) -> Result<(AuditCtx, Rx), StepError> {
+    let cx = person_cx(p, function, source_ip, break_glass_active(p, Utc::now()));
+    // Ids come from a URL: only a UUID reaches the store, the audit trail or a message.
+    if uuid::Uuid::parse_str(rx_id).is_err() {
+        return Err(StepError::Invalid {
+            code: "value",
+            message: "the prescription id is not an rxflow id (a UUID as returned at intake)"
+                .into(),
+            expression: None,
+        });
+    }
+    if let Decision::Deny(why) = Policy::embedded().decide(p, action, None, Utc::now()) {
+        if !matches!(why, DenyReason::ResourceRequired { .. }) {
+            let code = format!("{}:{}", action.as_str(), why.code());
+            return Err(deny(svc, &cx, RX_KIND, rx_id, None, &code, why.sentence()).await);
+        }
+    }
+    let rx = match load_rx(svc, &cx, &p.tenant, rx_id).await {
+        Ok(rx) => rx,
+        Err(StepError::NotFound(m)) => {
+            let code = format!("{}:not-found", action.as_str());
+            return match deny(svc, &cx, RX_KIND, rx_id, None, &code, m.clone()).await {
+                StepError::Forbidden(_) => Err(StepError::NotFound(m)),
+                other => Err(other),
+            };
+        }
+        Err(e) => return Err(e),
+    };
+    let res = resource_of(svc, &rx);
+    authorize(
+        svc,
+        &cx,
+        p,
+        action,
+        Some(&res),
+        RX_KIND,
+        rx.id(),
+        rx.row.index.as_deref(),
+    )
+    .await?;
+    Ok((cx, rx))
+}
+
+/// How audit events name a prescription.
+const RX_KIND: &str = "MedicationRequest";
