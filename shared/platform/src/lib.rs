@@ -6,12 +6,16 @@
 //! * [`error`]: the one step error type, mapped to HTTP status and FHIR OperationOutcome.
 //! * [`clock`]: system time, or a set time for replays.
 //! * [`config`]: configuration from the environment, in one place.
+//! * [`http`]: the shared HTTP layer (caller extractor, FHIR error responses, middleware stack).
+//! * [`break_glass`]: emergency access sessions (open, store sealed, audit, alert, look up).
 
+pub mod break_glass;
 pub mod clock;
 pub mod config;
 pub mod error;
 pub mod event;
 pub mod flow;
+pub mod http;
 pub mod services;
 
 pub use clock::{Clock, ManualClock, SystemClock};

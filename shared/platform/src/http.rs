@@ -1,0 +1,747 @@
+//! The HTTP layer every HTTP step shares, as axum extractors and tower layers:
+//!
+//! * [`AppState`]: the [`Services`] and the [`JwtVerifier`] a router runs over.
+//! * [`Caller`]: an extractor that verifies the bearer token into a [`Principal`] and attaches the
+//!   caller's break-glass grant from the store (never from the token). A missing or refused token
+//!   is a 401 with `WWW-Authenticate: Bearer`.
+//! * [`FhirJson`], [`FhirQuery`], [`FhirPath`]: body, query and path extractors whose refusals are
+//!   FHIR OperationOutcomes (415 for a wrong content type, 413 for an oversize body, 400 for bad
+//!   JSON), never axum's plain-text rejections. Their sentences never echo the input.
+//! * `impl IntoResponse for StepError`: the error's status and OperationOutcome as
+//!   `application/fhir+json`.
+//! * [`with_layers`]: the middleware stack (request id, trace, body limit, timeout, load
+//!   shedding, panic catching) and the 404 fallback. Any error response some layer produces with
+//!   a bare body (405, 413, 504, ...) is rewritten to an OperationOutcome on its way out.
+//!
+//! Logs carry method, route template (never the path: it may hold a patient id), status, latency
+//! and request id. Never a body, never a query string, never PHI.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{
+    ConnectInfo, DefaultBodyLimit, FromRef, FromRequest, FromRequestParts, MatchedPath, Request,
+    State,
+};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use chrono::Utc;
+use rx_domain::fhir::operation_outcome_issues;
+use rx_guard::access::{self, Action, Decision, JwtVerifier, Policy, Principal, Resource};
+use rx_guard::audit::ResourceRef;
+use rx_guard::GuardError;
+use rx_store::repo::AuditCtx;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+use tokio::sync::Semaphore;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::request_id::{
+    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+use tracing::Span;
+
+use crate::break_glass;
+use crate::error::StepError;
+use crate::flow::person_cx;
+use crate::services::Services;
+
+/// The media type of every body rxflow answers with.
+pub const FHIR_JSON: &str = "application/fhir+json";
+/// The request id header, set when the client sent none (or an unusable one) and echoed back.
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Limits of the middleware stack.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest request body accepted (413 above it).
+    pub max_body_bytes: usize,
+    /// A request still running after this answers 504.
+    pub request_timeout: Duration,
+    /// Requests in progress at once; more answer 503 with `Retry-After` (fail fast, not queue).
+    pub max_in_flight: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: 1024 * 1024,
+            request_timeout: Duration::from_secs(10),
+            max_in_flight: 1024,
+        }
+    }
+}
+
+/// What handlers run over: cheap to clone (two `Arc`s).
+#[derive(Clone)]
+pub struct AppState {
+    pub svc: Arc<Services>,
+    pub verifier: Arc<JwtVerifier>,
+}
+
+impl AppState {
+    pub fn new(svc: Services, verifier: JwtVerifier) -> Self {
+        AppState {
+            svc: Arc::new(svc),
+            verifier: Arc::new(verifier),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Responses
+
+/// A JSON body as `application/fhir+json`.
+pub fn fhir<T: Serialize>(status: StatusCode, body: &T) -> Response {
+    match serde_json::to_vec(body) {
+        Ok(bytes) => (status, [(header::CONTENT_TYPE, FHIR_JSON)], bytes).into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "response body does not serialize");
+            outcome(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "exception",
+                "the response could not be written; the incident is logged",
+            )
+        }
+    }
+}
+
+/// An OperationOutcome with one issue.
+pub fn outcome(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    let severity = if status.is_server_error() {
+        "fatal"
+    } else {
+        "error"
+    };
+    let body = operation_outcome_issues(&[(severity, code, message.into(), None)]);
+    fhir::<Value>(status, &body)
+}
+
+impl IntoResponse for StepError {
+    fn into_response(self) -> Response {
+        let status =
+            StatusCode::from_u16(self.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut res = fhir(status, &self.operation_outcome());
+        match status {
+            StatusCode::UNAUTHORIZED => {
+                res.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static(r#"Bearer realm="rxflow", error="invalid_token""#),
+                );
+            }
+            StatusCode::SERVICE_UNAVAILABLE => {
+                res.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            _ => {}
+        }
+        res
+    }
+}
+
+/// A 401 with the `WWW-Authenticate` challenge (RFC 6750): `error` is set when a token was sent.
+fn unauthorized(error: Option<&'static str>, message: impl Into<String>) -> Response {
+    let mut res = outcome(StatusCode::UNAUTHORIZED, "login", message);
+    let challenge = match error {
+        Some("invalid_token") => r#"Bearer realm="rxflow", error="invalid_token""#,
+        _ => r#"Bearer realm="rxflow""#,
+    };
+    res.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static(challenge),
+    );
+    res
+}
+
+// ---------------------------------------------------------------------------------------------
+// The caller
+
+/// The authenticated caller of a request.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// From the verified token, with the caller's break-glass grant (active, or the latest one
+    /// so an expired grant is reported as such) attached from the store.
+    pub principal: Principal,
+    /// The peer address (the embedded server trusts no forwarding header).
+    pub source_ip: Option<String>,
+}
+
+fn bearer_token(headers: &HeaderMap) -> Option<Result<&str, ()>> {
+    let value = headers.get(header::AUTHORIZATION)?;
+    let Ok(text) = value.to_str() else {
+        return Some(Err(()));
+    };
+    let (scheme, token) = text.trim().split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    Some(Ok(token.trim()))
+}
+
+impl<S> FromRequestParts<S> for Caller
+where
+    AppState: FromRef<S>,
+    S: Send + Sync,
+{
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Response> {
+        let app = AppState::from_ref(state);
+        let token = match bearer_token(&parts.headers) {
+            None => {
+                return Err(unauthorized(
+                    None,
+                    "this endpoint needs a bearer token: send `Authorization: Bearer <token>` (for a local server, mint one with `rxflow token`)",
+                ))
+            }
+            Some(Err(())) => {
+                return Err(unauthorized(
+                    Some("invalid_token"),
+                    "the Authorization header is not readable text",
+                ))
+            }
+            Some(Ok(t)) => t,
+        };
+        let principal = match app.verifier.verify(token).await {
+            Ok(p) => p,
+            Err(GuardError::Unauthenticated(why)) => {
+                return Err(unauthorized(Some("invalid_token"), why))
+            }
+            Err(e) => return Err(StepError::from(e).into_response()),
+        };
+        let grant = break_glass::latest_grant(&app.svc, &principal)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let principal = match grant {
+            Some(g) => principal.with_break_glass(g),
+            None => principal,
+        };
+        let source_ip = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|ConnectInfo(a)| a.ip().to_string());
+        Ok(Caller {
+            principal,
+            source_ip,
+        })
+    }
+}
+
+impl Caller {
+    /// The audit context of this caller acting through `function`.
+    pub fn cx(&self, function: &'static str, via_break_glass: bool) -> AuditCtx {
+        person_cx(
+            &self.principal,
+            function,
+            self.source_ip.clone(),
+            via_break_glass,
+        )
+    }
+
+    /// Decide `action` on `resource` with the embedded policy. On allow, whether the access
+    /// comes under break-glass (the caller flags what it audits); on deny, the refusal is
+    /// appended to the audit trail (reason code as detail) and returned as 403.
+    pub async fn authorize(
+        &self,
+        svc: &Services,
+        action: Action,
+        resource: Option<&Resource<'_>>,
+        target: ResourceRef,
+        patient: Option<&[u8]>,
+        function: &str,
+    ) -> Result<bool, StepError> {
+        let decision = Policy::embedded().decide(&self.principal, action, resource, Utc::now());
+        match decision {
+            Decision::Allow { via_break_glass } => Ok(via_break_glass),
+            Decision::Deny(why) => {
+                let mut ev =
+                    access::audit_event(&self.principal, action, &decision, target, function);
+                ev.source_ip = self.source_ip.clone();
+                ev.patient = patient.map(hex::encode);
+                svc.vault.audit(&[ev]).await?;
+                Err(StepError::Forbidden(why.sentence()))
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Body, query and path extractors
+
+/// A JSON request body (`application/fhir+json` or `application/json`).
+#[derive(Debug, Clone)]
+pub struct FhirJson<T>(pub T);
+
+fn is_json(headers: &HeaderMap) -> bool {
+    let Some(ct) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let essence = ct.split(';').next().unwrap_or("").trim();
+    essence.eq_ignore_ascii_case("application/json")
+        || essence.eq_ignore_ascii_case(FHIR_JSON)
+        || essence.eq_ignore_ascii_case("application/json+fhir")
+}
+
+fn json_error(e: &serde_json::Error) -> Response {
+    use serde_json::error::Category;
+    let at = format!("line {} column {}", e.line(), e.column());
+    let message = match e.classify() {
+        Category::Syntax | Category::Eof | Category::Io => {
+            format!("the request body is not valid JSON (error at {at})")
+        }
+        // Field names are ours; values never go into the sentence.
+        Category::Data => {
+            let text = e.to_string();
+            if text.starts_with("missing field") || text.starts_with("unknown field") {
+                let field = text.split('`').nth(1).unwrap_or("?");
+                let what = if text.starts_with("missing") {
+                    "lacks the required field"
+                } else {
+                    "has a field this endpoint does not know:"
+                };
+                format!("the request body {what} `{field}`")
+            } else {
+                format!("the request body does not have the expected shape (at {at})")
+            }
+        }
+    };
+    outcome(StatusCode::BAD_REQUEST, "structure", message)
+}
+
+fn too_large() -> Response {
+    outcome(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "too-costly",
+        "the request body is larger than this endpoint accepts (1 MiB); split the Bundle into smaller ones",
+    )
+}
+
+impl<S, T> FromRequest<S> for FhirJson<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+{
+    type Rejection = Response;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Response> {
+        if !is_json(req.headers()) {
+            return Err(outcome(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "not-supported",
+                "send the body as application/fhir+json (or application/json)",
+            ));
+        }
+        let bytes = Bytes::from_request(req, state).await.map_err(|r| {
+            if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                too_large()
+            } else {
+                outcome(
+                    StatusCode::BAD_REQUEST,
+                    "structure",
+                    "the request body could not be read",
+                )
+            }
+        })?;
+        serde_json::from_slice(&bytes)
+            .map(FhirJson)
+            .map_err(|e| json_error(&e))
+    }
+}
+
+/// Query parameters; a query string that does not fit is a 400 OperationOutcome.
+#[derive(Debug, Clone)]
+pub struct FhirQuery<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for FhirQuery<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+{
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Response> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Query(q)| FhirQuery(q))
+            .map_err(|_| {
+                outcome(
+                    StatusCode::BAD_REQUEST,
+                    "invalid",
+                    "the query string has a parameter this endpoint does not know or a value of the wrong form (times are RFC 3339)",
+                )
+            })
+    }
+}
+
+/// Path parameters; a segment that does not fit is a 400 OperationOutcome.
+#[derive(Debug, Clone)]
+pub struct FhirPath<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for FhirPath<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned + Send,
+{
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Response> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(p)| FhirPath(p))
+            .map_err(|_| {
+                outcome(
+                    StatusCode::BAD_REQUEST,
+                    "invalid",
+                    "a path segment of this URL is not of the expected form",
+                )
+            })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Layers
+
+/// UUIDv7 request ids (time-ordered, so logs sort by them).
+#[derive(Clone, Copy, Default)]
+struct MakeRequestUuidV7;
+
+impl MakeRequestId for MakeRequestUuidV7 {
+    fn make_request_id<B>(&mut self, _request: &axum::http::Request<B>) -> Option<RequestId> {
+        HeaderValue::from_str(&uuid::Uuid::now_v7().to_string())
+            .ok()
+            .map(RequestId::new)
+    }
+}
+
+/// A client's request id is kept only if it is a short token (it is logged, so it must not be
+/// a place to smuggle text into the logs).
+fn usable_request_id(v: &HeaderValue) -> bool {
+    let b = v.as_bytes();
+    !b.is_empty()
+        && b.len() <= 64
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+}
+
+async fn sanitize_request_id(mut req: Request, next: Next) -> Response {
+    if req
+        .headers()
+        .get(&REQUEST_ID)
+        .is_some_and(|v| !usable_request_id(v))
+    {
+        req.headers_mut().remove(&REQUEST_ID);
+    }
+    next.run(req).await
+}
+
+fn is_fhir(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with(FHIR_JSON))
+}
+
+fn code_for(status: StatusCode) -> (&'static str, &'static str) {
+    match status.as_u16() {
+        400 => ("invalid", "the request is not valid"),
+        401 => ("login", "this endpoint needs a valid bearer token"),
+        403 => ("forbidden", "the caller may not do this"),
+        404 => ("not-found", "there is no such endpoint or record"),
+        405 => (
+            "not-supported",
+            "this endpoint does not accept that HTTP method",
+        ),
+        408 | 504 => (
+            "timeout",
+            "the request took too long and was stopped; nothing may have been changed, retry later",
+        ),
+        409 => ("conflict", "the request conflicts with the current state"),
+        413 => (
+            "too-costly",
+            "the request body is larger than this endpoint accepts (1 MiB)",
+        ),
+        415 => (
+            "not-supported",
+            "send the body as application/fhir+json (or application/json)",
+        ),
+        429 | 503 => (
+            "transient",
+            "the service is busy or unavailable; retry shortly",
+        ),
+        500 => (
+            "exception",
+            "the request failed inside the service; the incident is logged",
+        ),
+        _ => ("processing", "the request could not be processed"),
+    }
+}
+
+/// Rewrites an error response with a bare body (from a layer or axum itself) into an
+/// OperationOutcome, keeping its status and headers.
+async fn outcome_for_bare_errors(req: Request, next: Next) -> Response {
+    let res = next.run(req).await;
+    let status = res.status();
+    if !(status.is_client_error() || status.is_server_error()) || is_fhir(res.headers()) {
+        return res;
+    }
+    let (mut parts, _bare) = res.into_parts();
+    let (code, sentence) = code_for(status);
+    let (_, body) = outcome(status, code, sentence).into_parts();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts
+        .headers
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
+    if status == StatusCode::UNAUTHORIZED && !parts.headers.contains_key(header::WWW_AUTHENTICATE) {
+        parts.headers.insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static(r#"Bearer realm="rxflow""#),
+        );
+    }
+    Response::from_parts(parts, body)
+}
+
+/// Fail fast under overload: past `max_in_flight` requests in progress, answer 503.
+async fn shed_load(State(slots): State<Arc<Semaphore>>, req: Request, next: Next) -> Response {
+    match slots.try_acquire() {
+        Ok(_slot) => next.run(req).await,
+        Err(_) => {
+            let mut res = outcome(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "transient",
+                "the service is at capacity; retry shortly",
+            );
+            res.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            res
+        }
+    }
+}
+
+fn panic_response(_payload: Box<dyn std::any::Any + Send + 'static>) -> Response<Body> {
+    // The payload may quote data; it is not logged.
+    tracing::error!("a request handler panicked");
+    outcome(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "exception",
+        "the request failed inside the service; the incident is logged",
+    )
+}
+
+/// The 404 for paths no route matches (the path is not echoed: it may carry an identifier).
+pub async fn unknown_route() -> Response {
+    outcome(
+        StatusCode::NOT_FOUND,
+        "not-found",
+        "there is no endpoint at this path; see the API list in the README",
+    )
+}
+
+fn request_span(req: &Request) -> Span {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(MatchedPath::as_str)
+        .unwrap_or("(unmatched)");
+    let request_id = req
+        .headers()
+        .get(&REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-");
+    tracing::info_span!("http", method = %req.method(), route, request_id)
+}
+
+fn log_response<B>(res: &axum::http::Response<B>, latency: Duration, _span: &Span) {
+    let status = res.status().as_u16();
+    let latency_us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+    if status >= 500 {
+        tracing::warn!(status, latency_us, "request failed");
+    } else {
+        tracing::info!(status, latency_us, "request served");
+    }
+}
+
+/// Wraps `router` in the shared stack, outermost first: request-id hygiene and generation,
+/// tracing, request-id propagation, OperationOutcome for bare errors, load shedding, timeout
+/// (504), body limit (413), panic catching (500); and the 404 fallback.
+pub fn with_layers(router: Router, limits: &Limits) -> Router {
+    let slots = Arc::new(Semaphore::new(limits.max_in_flight));
+    // `Router::layer` wraps what is there already: the last call is the outermost layer.
+    router
+        .fallback(unknown_route)
+        .layer(DefaultBodyLimit::max(limits.max_body_bytes))
+        .layer(CatchPanicLayer::custom(panic_response))
+        .layer(RequestBodyLimitLayer::new(limits.max_body_bytes))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::GATEWAY_TIMEOUT,
+            limits.request_timeout,
+        ))
+        .layer(middleware::from_fn_with_state(slots, shed_load))
+        .layer(middleware::from_fn(outcome_for_bare_errors))
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(request_span as fn(&Request) -> Span)
+                .on_request(())
+                .on_response(log_response)
+                .on_failure(()),
+        )
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuidV7))
+        .layer(middleware::from_fn(sanitize_request_id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::routing::{get, post};
+    use tower::ServiceExt;
+
+    fn app(limits: Limits) -> Router {
+        let r = Router::new()
+            .route(
+                "/slow",
+                get(|| async {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    "late"
+                }),
+            )
+            .route(
+                "/panic",
+                get(|| async {
+                    if true {
+                        panic!("boom with Jane Doe inside");
+                    }
+                    "never"
+                }),
+            )
+            .route(
+                "/echo",
+                post(|FhirJson(v): FhirJson<Value>| async move { fhir(StatusCode::OK, &v) }),
+            )
+            .route(
+                "/refused",
+                get(|| async { StepError::Forbidden("no".into()) }),
+            );
+        with_layers(r, &limits)
+    }
+
+    async fn call(app: Router, req: axum::http::Request<Body>) -> (StatusCode, HeaderMap, Value) {
+        let res = app.oneshot(req).await.expect("infallible");
+        let status = res.status();
+        let headers = res.headers().clone();
+        let bytes = axum::body::to_bytes(res.into_body(), 1 << 20)
+            .await
+            .expect("body");
+        let v = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        (status, headers, v)
+    }
+
+    fn get_req(uri: &str) -> axum::http::Request<Body> {
+        axum::http::Request::get(uri).body(Body::empty()).unwrap()
+    }
+
+    fn assert_outcome(headers: &HeaderMap, v: &Value) {
+        assert_eq!(headers[header::CONTENT_TYPE], FHIR_JSON);
+        assert_eq!(v["resourceType"], "OperationOutcome", "{v}");
+    }
+
+    #[tokio::test]
+    async fn slow_handler_times_out_as_504_operation_outcome() {
+        let limits = Limits {
+            request_timeout: Duration::from_millis(20),
+            ..Limits::default()
+        };
+        let (status, h, v) = call(app(limits), get_req("/slow")).await;
+        assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+        assert_outcome(&h, &v);
+        assert_eq!(v["issue"][0]["code"], "timeout");
+    }
+
+    #[tokio::test]
+    async fn panicking_handler_answers_500_without_the_panic_text() {
+        let (status, h, v) = call(app(Limits::default()), get_req("/panic")).await;
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_outcome(&h, &v);
+        assert!(!v.to_string().contains("Jane"));
+    }
+
+    #[tokio::test]
+    async fn wrong_method_and_unknown_route_are_operation_outcomes() {
+        let (status, h, v) = call(app(Limits::default()), get_req("/echo")).await;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+        assert_outcome(&h, &v);
+        let (status, h, v) = call(app(Limits::default()), get_req("/patients/Jane-Doe")).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_outcome(&h, &v);
+        assert!(!v.to_string().contains("Jane"));
+    }
+
+    #[tokio::test]
+    async fn body_errors_are_400_413_415_operation_outcomes() {
+        let post = |ct: Option<&str>, body: Vec<u8>| {
+            let mut b = axum::http::Request::post("/echo");
+            if let Some(ct) = ct {
+                b = b.header(header::CONTENT_TYPE, ct);
+            }
+            b.body(Body::from(body)).unwrap()
+        };
+        let (s, h, v) = call(
+            app(Limits::default()),
+            post(Some(FHIR_JSON), b"{\"a\":".to_vec()),
+        )
+        .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
+        assert_outcome(&h, &v);
+        let (s, h, v) = call(
+            app(Limits::default()),
+            post(Some("text/plain"), b"{}".to_vec()),
+        )
+        .await;
+        assert_eq!(s, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        assert_outcome(&h, &v);
+        let big = vec![b' '; 1024 * 1024 + 10];
+        let (s, h, v) = call(app(Limits::default()), post(Some(FHIR_JSON), big)).await;
+        assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_outcome(&h, &v);
+        let (s, _, v) = call(
+            app(Limits::default()),
+            post(
+                Some("application/fhir+json; charset=utf-8"),
+                b"{\"a\":1}".to_vec(),
+            ),
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(v["a"], 1);
+    }
+
+    #[tokio::test]
+    async fn step_error_keeps_its_status_and_request_ids_are_set_and_kept() {
+        let (s, h, v) = call(app(Limits::default()), get_req("/refused")).await;
+        assert_eq!(s, StatusCode::FORBIDDEN);
+        assert_outcome(&h, &v);
+        assert!(h.contains_key(&REQUEST_ID));
+        let req = axum::http::Request::get("/refused")
+            .header(&REQUEST_ID, "abc-123")
+            .body(Body::empty())
+            .unwrap();
+        let (_, h, _) = call(app(Limits::default()), req).await;
+        assert_eq!(h[&REQUEST_ID], "abc-123");
+        let req = axum::http::Request::get("/refused")
+            .header(&REQUEST_ID, "Jane Doe <script>")
+            .body(Body::empty())
+            .unwrap();
+        let (_, h, _) = call(app(Limits::default()), req).await;
+        assert_ne!(h[&REQUEST_ID], "Jane Doe <script>");
+    }
+}
