@@ -1,0 +1,232 @@
+//! Reading a FHIR bulk-export folder (NDJSON, one resource a line) without holding it in memory.
+//!
+//! The first pass registers the directory resources (Practitioner, Patient, AllergyIntolerance)
+//! and indexes each MedicationRequest by `authoredOn` with its file and byte offset; the second
+//! pass reads the orders one at a time in that order. Memory follows the number of orders times a
+//! few dozen bytes, not the size of the export.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, Utc};
+use rx_domain::fhir::{self, FhirError, Resource};
+use rx_domain::MedicationOrder;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BulkError {
+    #[error(
+        "cannot read the export folder {path}: {source}; pass --input <folder of .ndjson files>"
+    )]
+    Folder {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} holds no .ndjson files; pass the folder of a FHIR bulk export")]
+    Empty { path: String },
+    #[error("cannot read {file}: {source}")]
+    File {
+        file: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A line that could not be used: where it is and why (never what it says).
+#[derive(Debug, Clone)]
+pub struct BadLine {
+    pub file: String,
+    pub line: u64,
+    pub raw: String,
+    pub error: String,
+}
+
+impl BadLine {
+    pub fn origin(&self) -> String {
+        format!("{}:{}", self.file, self.line)
+    }
+}
+
+/// Where one order is in the export.
+#[derive(Debug, Clone, Copy)]
+struct OrderAt {
+    authored_on: Option<DateTime<Utc>>,
+    file: u32,
+    offset: u64,
+    line: u64,
+}
+
+/// The index of an export's orders.
+#[derive(Debug)]
+pub struct Export {
+    files: Vec<PathBuf>,
+    orders: Vec<OrderAt>,
+    /// Resource types present but not used by the pipeline (Organization, ...), with counts.
+    pub skipped: Vec<(String, u64)>,
+}
+
+/// One line of a file with its position.
+struct Line {
+    offset: u64,
+    number: u64,
+    text: String,
+}
+
+fn lines(
+    file: &Path,
+    mut each: impl FnMut(Line) -> Result<(), BulkError>,
+) -> Result<(), BulkError> {
+    let err = |source| BulkError::File {
+        file: file.display().to_string(),
+        source,
+    };
+    let mut r = BufReader::with_capacity(1 << 16, File::open(file).map_err(err)?);
+    let mut offset = 0u64;
+    let mut number = 0u64;
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        let n = r.read_until(b'\n', &mut buf).map_err(err)?;
+        if n == 0 {
+            return Ok(());
+        }
+        number += 1;
+        let start = offset;
+        offset += n as u64;
+        let text = String::from_utf8_lossy(&buf).trim().to_string();
+        if text.is_empty() {
+            continue;
+        }
+        each(Line {
+            offset: start,
+            number,
+            text,
+        })?;
+    }
+}
+
+fn ndjson_files(dir: &Path) -> Result<Vec<PathBuf>, BulkError> {
+    let folder_err = |source| BulkError::Folder {
+        path: dir.display().to_string(),
+        source,
+    };
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(folder_err)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.is_file()
+                && p.extension()
+                    .is_some_and(|x| x.eq_ignore_ascii_case("ndjson"))
+        })
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(BulkError::Empty {
+            path: dir.display().to_string(),
+        });
+    }
+    Ok(files)
+}
+
+/// What the first pass finds besides orders.
+pub enum Directory {
+    Resource(Resource),
+    Bad(BadLine),
+}
+
+impl Export {
+    /// First pass: `directory` gets every non-order resource and every bad line, in file order.
+    pub fn scan(
+        dir: &Path,
+        mut directory: impl FnMut(Directory) -> Result<(), BulkError>,
+    ) -> Result<Export, BulkError> {
+        let files = ndjson_files(dir)?;
+        let mut orders = Vec::new();
+        let mut skipped: std::collections::BTreeMap<String, u64> = Default::default();
+        for (fi, path) in files.iter().enumerate() {
+            let name = file_name(path);
+            lines(path, |l| {
+                let bad = |e: FhirError| {
+                    Directory::Bad(BadLine {
+                        file: name.clone(),
+                        line: l.number,
+                        raw: l.text.clone(),
+                        error: e.to_string(),
+                    })
+                };
+                match fhir::parse_json(&l.text) {
+                    Ok(Resource::MedicationRequest(o)) => {
+                        orders.push(OrderAt {
+                            authored_on: o.authored_on,
+                            file: fi as u32,
+                            offset: l.offset,
+                            line: l.number,
+                        });
+                        Ok(())
+                    }
+                    Ok(Resource::Other(kind)) => {
+                        *skipped.entry(kind).or_default() += 1;
+                        Ok(())
+                    }
+                    Ok(r) => directory(Directory::Resource(r)),
+                    Err(e) => directory(bad(e)),
+                }
+            })?;
+        }
+        // Stable: orders written at the same instant keep their file order.
+        orders.sort_by_key(|o| o.authored_on);
+        Ok(Export {
+            files,
+            orders,
+            skipped: skipped.into_iter().collect(),
+        })
+    }
+
+    pub fn order_count(&self) -> usize {
+        self.orders.len()
+    }
+
+    /// Second pass: the orders in `authoredOn` order.
+    pub fn orders(
+        &self,
+    ) -> impl Iterator<Item = Result<Result<MedicationOrder, BadLine>, BulkError>> + '_ {
+        let mut open: Option<(u32, BufReader<File>)> = None;
+        self.orders.iter().map(move |at| {
+            let path = &self.files[at.file as usize];
+            let err = |source| BulkError::File {
+                file: path.display().to_string(),
+                source,
+            };
+            let (fi, mut r) = match open.take() {
+                Some((fi, r)) if fi == at.file => (fi, r),
+                _ => (at.file, BufReader::new(File::open(path).map_err(err)?)),
+            };
+            r.seek(SeekFrom::Start(at.offset)).map_err(err)?;
+            let mut buf = Vec::new();
+            r.read_until(b'\n', &mut buf).map_err(err)?;
+            open = Some((fi, r));
+            let text = String::from_utf8_lossy(&buf);
+            Ok(fhir::parse_json(text.trim())
+                .and_then(|r| match r {
+                    Resource::MedicationRequest(o) => Ok(o),
+                    _ => Err(FhirError {
+                        path: "resource.resourceType".into(),
+                        message: "changed while the export was being read".into(),
+                    }),
+                })
+                .map_err(|e| BadLine {
+                    file: file_name(path),
+                    line: at.line,
+                    raw: text.trim().to_string(),
+                    error: e.to_string(),
+                }))
+        })
+    }
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| p.display().to_string())
+}

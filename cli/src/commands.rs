@@ -1,0 +1,315 @@
+//! `rxflow demo`, `rxflow run`, `rxflow generate`: the embedded pipeline over a synthetic cohort
+//! or a real FHIR bulk export.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use chrono::{TimeZone, Utc};
+use indicatif::{ProgressBar, ProgressStyle};
+use rx_domain::fhir::{self, Resource};
+use rx_domain::synth::{self, CohortConfig};
+use rx_platform::config::Config;
+use rx_platform::StepError;
+
+use crate::bulk::{BadLine, BulkError, Directory, Export};
+use crate::pipeline::{refused, Pipeline, TimeMode};
+use crate::report::Report;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error(transparent)]
+    Setup(#[from] rx_platform::services::SetupError),
+    #[error(transparent)]
+    Bulk(#[from] BulkError),
+    #[error("{0}")]
+    Step(#[from] StepError),
+    #[error("{0}")]
+    Usage(String),
+    #[error("writing the report: {0}")]
+    Output(#[from] std::io::Error),
+    #[error(transparent)]
+    Audit(#[from] rx_fn_audit::AuditError),
+}
+
+/// How a command ended, for the exit code.
+pub enum Ended {
+    Clean,
+    /// Finished, but some input could not be used (exit 2).
+    WithInputErrors,
+}
+
+/// Options shared by `demo` and `run`.
+pub struct RunOptions {
+    pub config: Config,
+    pub verify_as: Option<String>,
+    pub json: bool,
+}
+
+fn progress(len: u64, json: bool) -> ProgressBar {
+    if json {
+        return ProgressBar::hidden();
+    }
+    // indicatif draws only when stderr is a terminal.
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} orders  {per_sec}  eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar
+}
+
+/// Register a directory resource (prescriber, patient, allergy).
+async fn register(p: &Pipeline, r: Resource) -> Result<(), StepError> {
+    let svc = p.services();
+    let cx = p.operator();
+    let tenant = &p.tenant;
+    match r {
+        Resource::Practitioner(pr) => {
+            rx_fn_intake::register_prescriber(svc, cx, tenant, pr).await?;
+        }
+        Resource::Patient(pa) => {
+            rx_fn_intake::register_patient(svc, cx, tenant, pa).await?;
+        }
+        Resource::AllergyIntolerance {
+            patient_ref,
+            allergy,
+        } => {
+            rx_fn_intake::add_allergy(svc, cx, tenant, &patient_ref, allergy).await?;
+        }
+        Resource::MedicationRequest(_) | Resource::Other(_) => {}
+    }
+    Ok(())
+}
+
+/// Tell the operator about a line that could not be used, and keep it sealed.
+async fn quarantine(p: &Pipeline, bad: &BadLine, report: &mut Report) -> Result<(), StepError> {
+    eprintln!(
+        "{}: {} (kept for follow-up; the run goes on)",
+        bad.origin(),
+        bad.error
+    );
+    report.input_errors += 1;
+    rx_fn_intake::quarantine(
+        p.services(),
+        p.operator(),
+        &p.tenant,
+        &rx_fn_intake::QuarantinedInput {
+            origin: bad.origin(),
+            raw: bad.raw.clone(),
+            error: bad.error.clone(),
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+/// `rxflow run --input <bulk-export dir>`.
+pub async fn run(input: &Path, replay: bool, opts: RunOptions) -> Result<Ended, CommandError> {
+    let time = if replay {
+        TimeMode::AsWritten
+    } else {
+        TimeMode::Now
+    };
+    let mut p = Pipeline::open(&opts.config, time, "run", opts.verify_as.as_deref())?;
+    let mut report = Report::new(opts.json, opts.config.data_dir.display().to_string());
+    let started = Instant::now();
+
+    // First pass: the directory; bad lines are collected and quarantined after the scan.
+    let mut directory = Vec::new();
+    let mut bad_lines = Vec::new();
+    let export = Export::scan(input, |d| {
+        match d {
+            Directory::Resource(r) => directory.push(r),
+            Directory::Bad(b) => bad_lines.push(b),
+        }
+        Ok(())
+    })?;
+    p.tick_batch()?;
+    for r in directory {
+        register(&p, r).await?;
+    }
+    for b in &bad_lines {
+        quarantine(&p, b, &mut report).await?;
+    }
+    report.skipped_resources = export.skipped.iter().cloned().collect();
+
+    let bar = progress(export.order_count() as u64, opts.json);
+    for item in export.orders() {
+        match item? {
+            Ok(mut order) => {
+                if replay {
+                    if let Some(at) = order.authored_on {
+                        p.set_time(at);
+                    }
+                    // Submitted as a new order written at its authoredOn: whatever became of it
+                    // later (stopped, completed) is not known yet.
+                    order.status = "active".into();
+                }
+                let source_id = order.source_id.clone();
+                let outcome = match p.process(order).await {
+                    Ok(o) => o,
+                    Err(e) if e.is_transient() => return Err(e.into()),
+                    Err(e) => refused(source_id, e),
+                };
+                report.add(outcome);
+            }
+            Err(bad) => quarantine(&p, &bad, &mut report).await?,
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    finish(p, report, started, opts.json).await
+}
+
+/// `rxflow demo`: a deterministic synthetic cohort through every step.
+pub async fn demo(seed: u64, orders: usize, opts: RunOptions) -> Result<Ended, CommandError> {
+    if orders == 0 {
+        return Err(CommandError::Usage("--orders must be at least 1".into()));
+    }
+    let mut p = Pipeline::open(
+        &opts.config,
+        TimeMode::AsWritten,
+        "demo",
+        opts.verify_as.as_deref(),
+    )?;
+    let mut report = Report::new(opts.json, opts.config.data_dir.display().to_string());
+    let cfg = cohort_config(seed, orders);
+    let cohort = synth::cohort(&cfg);
+    if !opts.json {
+        eprintln!(
+            "rxflow demo: {} synthetic orders (seed {seed}) for {} patients from {} prescribers, into {}",
+            orders,
+            cohort.patients.len(),
+            cohort.practitioners.len(),
+            opts.config.data_dir.display()
+        );
+    }
+    let started = Instant::now();
+    p.set_time(cfg.start);
+    p.tick_batch()?;
+    for v in cohort
+        .practitioners
+        .iter()
+        .chain(&cohort.patients)
+        .chain(&cohort.allergies)
+    {
+        let r = fhir::parse_resource(v).map_err(StepError::from)?;
+        register(&p, r).await?;
+    }
+    let bar = progress(orders as u64, opts.json);
+    for v in synth::orders(&cfg, &cohort) {
+        let order = fhir::parse_medication_request(&v).map_err(StepError::from)?;
+        if let Some(at) = order.authored_on {
+            p.set_time(at);
+        }
+        let source_id = order.source_id.clone();
+        let outcome = match p.process(order).await {
+            Ok(o) => o,
+            Err(e) if e.is_transient() => return Err(e.into()),
+            Err(e) => refused(source_id, e),
+        };
+        report.add(outcome);
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    finish(p, report, started, opts.json).await
+}
+
+/// The synthetic cohort's settings: its orders start on a fixed day so a seed always gives the
+/// same cohort.
+pub fn cohort_config(seed: u64, orders: usize) -> CohortConfig {
+    CohortConfig {
+        seed,
+        orders,
+        start: Utc
+            .with_ymd_and_hms(2025, 1, 6, 8, 0, 0)
+            .single()
+            .unwrap_or_else(Utc::now),
+    }
+}
+
+/// `rxflow generate --out <dir>`: write the synthetic cohort as a bulk export (NDJSON files).
+pub fn generate(seed: u64, orders: usize, out: &Path) -> Result<(), CommandError> {
+    let cfg = cohort_config(seed, orders);
+    let cohort = synth::cohort(&cfg);
+    std::fs::create_dir_all(out)?;
+    let write = |name: &str,
+                 items: &mut dyn Iterator<Item = serde_json::Value>|
+     -> Result<u64, CommandError> {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(out.join(name))?);
+        let mut n = 0;
+        for v in items {
+            serde_json::to_writer(&mut f, &v).map_err(std::io::Error::other)?;
+            f.write_all(b"\n")?;
+            n += 1;
+        }
+        f.flush()?;
+        Ok(n)
+    };
+    write(
+        "Practitioner.ndjson",
+        &mut cohort.practitioners.iter().cloned(),
+    )?;
+    write("Patient.ndjson", &mut cohort.patients.iter().cloned())?;
+    write(
+        "AllergyIntolerance.ndjson",
+        &mut cohort.allergies.iter().cloned(),
+    )?;
+    let n = write(
+        "MedicationRequest.ndjson",
+        &mut synth::orders(&cfg, &cohort),
+    )?;
+    eprintln!("wrote {n} orders (seed {seed}) to {}", out.display());
+    Ok(())
+}
+
+async fn finish(
+    mut p: Pipeline,
+    mut report: Report,
+    started: Instant,
+    json: bool,
+) -> Result<Ended, CommandError> {
+    p.flush()?;
+    report.finish(started.elapsed());
+    let check = crate::audit::verify(&p.emb).await?;
+    report.audit_events = check.events;
+    report.audit_verified = check.ok;
+    report.audit_problem = check.first_break.map(|b| b.sentence);
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer(&mut out, &report).map_err(std::io::Error::other)?;
+        out.write_all(b"\n")?;
+    } else {
+        out.write_all(report.human().as_bytes())?;
+    }
+    Ok(if report.input_errors > 0 {
+        Ended::WithInputErrors
+    } else {
+        Ended::Clean
+    })
+}
+
+/// The data directory from the flag, else RXFLOW_DATA_DIR, else the default.
+pub fn config_for(data_dir: Option<PathBuf>) -> Result<Config, CommandError> {
+    let mut c = Config::from_env().map_err(|e| CommandError::Usage(e.to_string()))?;
+    if let Some(d) = data_dir {
+        c.data_dir = d;
+    }
+    Ok(c)
+}
+
+/// `rxflow audit verify`.
+pub async fn audit_verify(config: &Config) -> Result<rx_fn_audit::TrailReport, CommandError> {
+    if !config.data_dir.exists() {
+        return Err(CommandError::Usage(format!(
+            "no data directory at {}; run `rxflow demo` or `rxflow run` first, or pass --data-dir",
+            config.data_dir.display()
+        )));
+    }
+    let emb = rx_platform::services::Embedded::open(
+        config,
+        std::sync::Arc::new(rx_platform::SystemClock),
+    )?;
+    Ok(crate::audit::verify(&emb).await?)
+}

@@ -1,0 +1,322 @@
+//! The embedded pipeline: the in-process bus that carries events between the queue steps, and the
+//! driver that takes one order from intake to the pharmacist queue (and, when a pharmacist is
+//! named, through verification and dispensing).
+//!
+//! At-least-once, as on SQS or a Knative Broker: a step that fails transiently is retried with the
+//! same event, and every step is idempotent under redelivery.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rx_domain::{AlertKind, MedicationOrder, Severity, Status};
+use rx_guard::access::{Principal, Role};
+use rx_guard::audit::{Actor, Purpose};
+use rx_platform::config::Config;
+use rx_platform::event::{EventKind, PipelineEvent};
+use rx_platform::flow::{load_rx, Rx};
+use rx_platform::services::{Embedded, SetupError};
+use rx_platform::{Clock, ManualClock, Services, StepError, SystemClock};
+use rx_store::repo::AuditCtx;
+use serde::Serialize;
+
+/// How many times a step is tried on a transient failure before the order is left where it is.
+const ATTEMPTS: u32 = 4;
+
+/// Run one queue step for `event`; the events it returns go back on the bus.
+pub async fn dispatch(
+    svc: &Services,
+    event: &PipelineEvent,
+) -> Result<Vec<PipelineEvent>, StepError> {
+    match event.kind {
+        EventKind::Received => rx_fn_validate::handle(svc, event).await,
+        EventKind::Validated => rx_fn_review::handle(svc, event).await,
+        // Reviewed orders wait for a pharmacist; the other events end the queue part.
+        _ => Ok(Vec::new()),
+    }
+}
+
+/// Deliver `events` and everything they lead to, in order. A step that keeps failing leaves its
+/// prescription in its last stored state (nothing is lost: rerunning resumes it) and the error is
+/// returned after the rest of the queue has been delivered.
+pub async fn drain(svc: &Services, events: Vec<PipelineEvent>) -> Result<(), StepError> {
+    let mut bus: VecDeque<PipelineEvent> = events.into();
+    let mut first_error = None;
+    while let Some(ev) = bus.pop_front() {
+        match with_retry(|| dispatch(svc, &ev)).await {
+            Ok(next) => bus.extend(next),
+            Err(e) => {
+                tracing::warn!(event = ev.kind.type_name(), rx_id = %ev.rx_id, error = %e, "step failed");
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+async fn with_retry<T, F, Fut>(mut f: F) -> Result<T, StepError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StepError>>,
+{
+    let mut attempt = 1;
+    loop {
+        match f().await {
+            Err(e)
+                if attempt < ATTEMPTS
+                    && (e.is_transient() || matches!(e, StepError::Conflict(_))) =>
+            {
+                tokio::time::sleep(Duration::from_millis(5 << attempt)).await;
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// What became of one order.
+#[derive(Debug, Clone, Serialize)]
+pub struct OrderOutcome {
+    /// The MedicationRequest id in the input.
+    #[serde(rename = "id")]
+    pub source_id: Option<String>,
+    pub rx_id: Option<String>,
+    pub status: String,
+    pub reasons: Vec<ReasonOut>,
+    pub alerts: Vec<AlertOut>,
+    #[serde(skip)]
+    pub controlled: bool,
+    #[serde(skip)]
+    pub schedule: Option<&'static str>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ReasonOut {
+    pub code: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AlertOut {
+    pub kind: AlertKind,
+    pub severity: Severity,
+}
+
+/// Which clock the run keeps.
+pub enum TimeMode {
+    /// Orders are judged as of now.
+    Now,
+    /// Orders are judged as of their `authoredOn` (a replay of history).
+    AsWritten,
+}
+
+/// The embedded pipeline over one data directory.
+pub struct Pipeline {
+    pub emb: Embedded,
+    clock: Option<Arc<ManualClock>>,
+    pub tenant: String,
+    operator: AuditCtx,
+    pharmacist: Option<Principal>,
+    in_batch: u32,
+}
+
+/// Change sets per durable commit in a bulk run.
+const BATCH: u32 = 2_000;
+
+impl Pipeline {
+    pub fn open(
+        config: &Config,
+        time: TimeMode,
+        operator: &str,
+        verify_as: Option<&str>,
+    ) -> Result<Self, SetupError> {
+        let (clock, svc_clock): (Option<Arc<ManualClock>>, Arc<dyn Clock>) = match time {
+            TimeMode::Now => (None, Arc::new(SystemClock)),
+            TimeMode::AsWritten => {
+                let c = Arc::new(ManualClock::new(Utc::now()));
+                (Some(c.clone()), c)
+            }
+        };
+        let emb = Embedded::open(config, svc_clock)?;
+        let tenant = config.tenant.clone();
+        let operator = AuditCtx {
+            actor: Actor {
+                subject: format!("cli:{operator}"),
+                role: "service".into(),
+                tenant: tenant.clone(),
+            },
+            function: "intake",
+            purpose: Purpose::Treatment,
+            source_ip: None,
+            break_glass: false,
+        };
+        let pharmacist = verify_as.map(|sub| Principal {
+            subject: sub.to_string(),
+            role: Role::Pharmacist,
+            tenant: tenant.clone(),
+            // The operator who names a pharmacist on the command line vouches for their
+            // second factor, as the pharmacy system's sign-in would.
+            mfa: true,
+            npi: None,
+            break_glass: None,
+        });
+        Ok(Pipeline {
+            emb,
+            clock,
+            tenant,
+            operator,
+            pharmacist,
+            in_batch: 0,
+        })
+    }
+
+    pub fn services(&self) -> &Services {
+        &self.emb.services
+    }
+
+    /// The audit context of the operator's own accesses (intake of files, the report).
+    pub fn operator(&self) -> &AuditCtx {
+        &self.operator
+    }
+
+    /// Set business time (only in [`TimeMode::AsWritten`]).
+    pub fn set_time(&self, at: DateTime<Utc>) {
+        if let Some(c) = &self.clock {
+            c.set(at);
+        }
+    }
+
+    /// Group change sets into one durable transaction every [`BATCH`] calls (bulk runs).
+    pub fn tick_batch(&mut self) -> Result<(), StepError> {
+        if self.in_batch == 0 {
+            self.emb.store.begin_batch()?;
+        }
+        self.in_batch += 1;
+        if self.in_batch >= BATCH {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Make everything so far durable.
+    pub fn flush(&mut self) -> Result<(), StepError> {
+        if self.in_batch > 0 {
+            self.in_batch = 0;
+            self.emb.store.end_batch()?;
+        }
+        Ok(())
+    }
+
+    /// Take one order from intake through the queue steps, then (with a pharmacist named)
+    /// verification and dispensing. `Err` only for failures that say nothing about the order
+    /// itself (the store or key service failing); a refused order is an `Ok` outcome.
+    pub async fn process(&mut self, order: MedicationOrder) -> Result<OrderOutcome, StepError> {
+        self.tick_batch()?;
+        let source_id = order.source_id.clone();
+        let svc = self.emb.services.clone();
+        let tenant = self.tenant.clone();
+        let submitted =
+            with_retry(|| rx_fn_intake::submit_order(&svc, &self.operator, &tenant, order.clone()))
+                .await;
+        let (accepted, event) = match submitted {
+            Ok(x) => x,
+            Err(e @ StepError::Invalid { .. }) => {
+                return Ok(refused(source_id, e));
+            }
+            Err(e) => return Err(e),
+        };
+        drain(&svc, event.into_iter().collect()).await?;
+        let rx_id = accepted.rx_id;
+        if let Some(p) = self.pharmacist.clone() {
+            let rx = load_rx(&svc, &self.report_cx(), &tenant, &rx_id).await?;
+            if rx.status == Status::AwaitingVerification
+                && !rx.record.alerts.iter().any(|a| a.is_blocking())
+            {
+                self.verify_and_dispense(&p, &rx_id).await?;
+            }
+        }
+        let rx = load_rx(&svc, &self.report_cx(), &tenant, &rx_id).await?;
+        Ok(self.outcome(source_id, &rx))
+    }
+
+    async fn verify_and_dispense(&self, p: &Principal, rx_id: &str) -> Result<(), StepError> {
+        let svc = &self.emb.services;
+        let approve: rx_fn_verify::VerifyRequest =
+            serde_json::from_value(serde_json::json!({ "decision": "approve" }))
+                .map_err(|e| StepError::invalid(format!("verification request: {e}")))?;
+        match with_retry(|| rx_fn_verify::handle(svc, p, None, rx_id, &approve)).await {
+            Ok(_) => {}
+            // A refusal (an alert that needs an override) leaves the order with the pharmacist.
+            Err(StepError::Refused(_) | StepError::Forbidden(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        let fill: rx_fn_dispense::DispenseRequest =
+            serde_json::from_value(serde_json::json!({}))
+                .map_err(|e| StepError::invalid(format!("dispense request: {e}")))?;
+        match with_retry(|| rx_fn_dispense::handle(svc, p, None, rx_id, &fill)).await {
+            Ok(_) | Err(StepError::Refused(_) | StepError::Forbidden(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The report reads each order once, as the operator, for the record of what happened.
+    fn report_cx(&self) -> AuditCtx {
+        AuditCtx {
+            function: "cli",
+            ..self.operator.clone()
+        }
+    }
+
+    fn outcome(&self, source_id: Option<String>, rx: &Rx) -> OrderOutcome {
+        let product = rx
+            .record
+            .order
+            .medication
+            .rxnorm
+            .as_deref()
+            .and_then(|c| self.emb.services.drugs.product(c));
+        let schedule = product.and_then(|p| p.schedule).map(|s| s.as_str());
+        OrderOutcome {
+            source_id,
+            rx_id: Some(rx.id().to_string()),
+            status: rx.status.as_str().to_string(),
+            reasons: rx
+                .record
+                .reasons()
+                .into_iter()
+                .map(|r| ReasonOut {
+                    code: r.code.clone(),
+                    message: r.message.clone(),
+                })
+                .collect(),
+            alerts: rx
+                .record
+                .alerts
+                .iter()
+                .map(|a| AlertOut {
+                    kind: a.kind,
+                    severity: a.severity,
+                })
+                .collect(),
+            controlled: schedule.is_some(),
+            schedule,
+        }
+    }
+}
+
+/// An order intake refused outright (it never got a prescription id).
+pub fn refused(source_id: Option<String>, e: StepError) -> OrderOutcome {
+    OrderOutcome {
+        source_id,
+        rx_id: None,
+        status: "refused-at-intake".into(),
+        reasons: vec![ReasonOut {
+            code: e.issue_code().to_string(),
+            message: e.to_string(),
+        }],
+        alerts: Vec::new(),
+        controlled: false,
+        schedule: None,
+    }
+}

@@ -1,0 +1,171 @@
+//! The end-of-run report: counts per final status, top rejection reasons, DUR alerts by kind,
+//! controlled-substance orders and their outcome, throughput and the audit trail's state.
+//! Printed for a person, or as one JSON object with `--json`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::pipeline::OrderOutcome;
+
+#[derive(Debug, Default, Serialize)]
+pub struct Report {
+    pub orders_total: u64,
+    pub by_status: BTreeMap<String, u64>,
+    /// Reason code → orders (rejections, clarifications, refusals).
+    pub reasons: BTreeMap<String, u64>,
+    pub alerts_by_kind: BTreeMap<String, u64>,
+    pub alerts_by_severity: BTreeMap<String, u64>,
+    /// Schedule → final status → orders.
+    pub controlled: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Lines or resources that could not be used (kept sealed in the inputs table).
+    pub input_errors: u64,
+    /// Resource types in the input the pipeline does not use, with counts.
+    pub skipped_resources: BTreeMap<String, u64>,
+    pub elapsed_seconds: f64,
+    pub orders_per_second: f64,
+    pub audit_events: u64,
+    pub audit_verified: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audit_problem: Option<String>,
+    pub data_dir: String,
+    /// One entry per input order (kept only when asked for: `--json`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub orders: Vec<OrderOutcome>,
+    #[serde(skip)]
+    keep_orders: bool,
+}
+
+impl Report {
+    pub fn new(keep_orders: bool, data_dir: String) -> Self {
+        Report {
+            keep_orders,
+            data_dir,
+            ..Default::default()
+        }
+    }
+
+    pub fn add(&mut self, o: OrderOutcome) {
+        self.orders_total += 1;
+        *self.by_status.entry(o.status.clone()).or_default() += 1;
+        for r in &o.reasons {
+            *self.reasons.entry(r.code.clone()).or_default() += 1;
+        }
+        for a in &o.alerts {
+            *self
+                .alerts_by_kind
+                .entry(a.kind.as_str().to_string())
+                .or_default() += 1;
+            *self
+                .alerts_by_severity
+                .entry(a.severity.as_str().to_string())
+                .or_default() += 1;
+        }
+        if let Some(s) = o.schedule {
+            *self
+                .controlled
+                .entry(s.to_string())
+                .or_default()
+                .entry(o.status.clone())
+                .or_default() += 1;
+        }
+        if self.keep_orders {
+            self.orders.push(o);
+        }
+    }
+
+    pub fn finish(&mut self, elapsed: Duration) {
+        self.elapsed_seconds = elapsed.as_secs_f64();
+        self.orders_per_second = if self.elapsed_seconds > 0.0 {
+            self.orders_total as f64 / self.elapsed_seconds
+        } else {
+            0.0
+        };
+    }
+
+    /// The report for a person.
+    pub fn human(&self) -> String {
+        let mut s = String::new();
+        let line = |s: &mut String, t: String| {
+            s.push_str(&t);
+            s.push('\n');
+        };
+        line(
+            &mut s,
+            format!(
+                "\n{} orders in {:.2} s ({:.0} orders/s)",
+                self.orders_total, self.elapsed_seconds, self.orders_per_second
+            ),
+        );
+        line(&mut s, "\nFinal status".into());
+        for (k, v) in &self.by_status {
+            line(&mut s, format!("  {k:<24} {v:>8}"));
+        }
+        if !self.reasons.is_empty() {
+            line(
+                &mut s,
+                "\nTop reasons (rejected, needs clarification, refused)".into(),
+            );
+            let mut top: Vec<_> = self.reasons.iter().collect();
+            top.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+            for (k, v) in top.into_iter().take(10) {
+                line(&mut s, format!("  {k:<32} {v:>8}"));
+            }
+        }
+        if !self.alerts_by_kind.is_empty() {
+            line(&mut s, "\nDrug-utilization review alerts".into());
+            for (k, v) in &self.alerts_by_kind {
+                line(&mut s, format!("  {k:<32} {v:>8}"));
+            }
+            let sev: Vec<String> = self
+                .alerts_by_severity
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect();
+            line(&mut s, format!("  by severity: {}", sev.join(", ")));
+        }
+        if !self.controlled.is_empty() {
+            line(&mut s, "\nControlled-substance orders".into());
+            for (sched, by) in &self.controlled {
+                let total: u64 = by.values().sum();
+                let parts: Vec<String> = by.iter().map(|(k, v)| format!("{k} {v}")).collect();
+                line(
+                    &mut s,
+                    format!("  {sched:<14} {total:>6}: {}", parts.join(", ")),
+                );
+            }
+        }
+        if self.input_errors > 0 {
+            line(&mut s, format!("\n{} input line(s) could not be used; they are kept sealed in the data dir (inputs table) and named above", self.input_errors));
+        }
+        if !self.skipped_resources.is_empty() {
+            let parts: Vec<String> = self
+                .skipped_resources
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect();
+            line(
+                &mut s,
+                format!("\nNot used by the pipeline: {}", parts.join(", ")),
+            );
+        }
+        line(
+            &mut s,
+            format!(
+                "\nAudit trail: {} events, {}",
+                self.audit_events,
+                if self.audit_verified {
+                    "verified intact".to_string()
+                } else {
+                    format!(
+                        "NOT intact: {}",
+                        self.audit_problem.as_deref().unwrap_or("unknown")
+                    )
+                }
+            ),
+        );
+        line(&mut s, format!("Data directory: {}", self.data_dir));
+        s
+    }
+}

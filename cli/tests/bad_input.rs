@@ -1,0 +1,133 @@
+//! Bad input to `rxflow run`: a clear message naming the file and line, the rest of the run goes
+//! on, the refused input is kept (sealed), and the exit code says input was refused.
+
+mod support;
+
+use std::path::Path;
+
+use support::*;
+
+const PATIENT: &str = r#"{"resourceType":"Patient","id":"pat-1","identifier":[{"system":"http://hl7.org/fhir/sid/us-ssn","value":"999-44-1234"}],"name":[{"family":"Quarantinova","given":["Hermione"]}],"telecom":[{"system":"phone","value":"555-777-0000"}],"address":[{"line":["12 Lantern Street"],"city":"Topeka"}]}"#;
+const PRACTITIONER: &str = r#"{"resourceType":"Practitioner","id":"pr-1","identifier":[{"system":"http://hl7.org/fhir/sid/us-npi","value":"1234567893"}],"name":[{"family":"Welby","given":["Marcus"]}]}"#;
+
+fn order(id: &str) -> String {
+    format!(
+        r#"{{"resourceType":"MedicationRequest","id":"{id}","status":"active","intent":"order","subject":{{"reference":"Patient/pat-1"}},"requester":{{"reference":"Practitioner/pr-1"}},"authoredOn":"2025-02-01T10:00:00Z","medicationCodeableConcept":{{"coding":[{{"system":"http://www.nlm.nih.gov/research/umls/rxnorm","code":"197361"}}]}},"dispenseRequest":{{"quantity":{{"value":30}},"expectedSupplyDuration":{{"value":30,"unit":"days"}},"numberOfRepeatsAllowed":0}}}}"#
+    )
+}
+
+fn export(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("Patient.ndjson"), format!("{PATIENT}\n")).unwrap();
+    std::fs::write(dir.join("Practitioner.ndjson"), format!("{PRACTITIONER}\n")).unwrap();
+    let lines = [
+        order("mr-1"),
+        // cut off mid-way, with the patient's name in it
+        r#"{"resourceType":"MedicationRequest","id":"mr-2","note":[{"text":"for Hermione Quarantinova"#.to_string(),
+        // no resourceType
+        r#"{"id":"mr-3","status":"active"}"#.to_string(),
+        order("mr-4"),
+        // an order whose subject is missing
+        r#"{"resourceType":"MedicationRequest","id":"mr-5","status":"active","intent":"order","authoredOn":"2025-02-01T11:00:00Z"}"#.to_string(),
+    ];
+    std::fs::write(
+        dir.join("MedicationRequest.ndjson"),
+        lines.join("\n") + "\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("Basic.ndjson"),
+        "{\"resourceType\":\"Basic\",\"id\":\"b1\"}\n",
+    )
+    .unwrap();
+}
+
+#[test]
+fn malformed_lines_are_named_kept_and_the_run_goes_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("export");
+    export(&input);
+    let data = tmp.path().join("data");
+    let out = run(&[
+        "run",
+        "--input",
+        input.to_str().unwrap(),
+        "--json",
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]);
+    let err = text(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "input was refused: exit 2\n{err}"
+    );
+    assert!(err.contains("MedicationRequest.ndjson:2"), "{err}");
+    assert!(err.contains("MedicationRequest.ndjson:3"), "{err}");
+    assert!(
+        !err.contains("Quarantinova"),
+        "the message must not quote the input: {err}"
+    );
+    let r = report(&out);
+    assert!(r["orders_total"].as_u64().unwrap() >= 2, "{r:#}");
+    let good: Vec<_> = r["orders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|o| o["id"] == "mr-1" || o["id"] == "mr-4")
+        .collect();
+    assert_eq!(
+        good.len(),
+        2,
+        "the orders around the bad lines went through: {r:#}"
+    );
+    assert!(r["input_errors"].as_u64().unwrap() >= 2);
+    assert_eq!(r["skipped_resources"]["Basic"], 1);
+
+    // Kept, sealed: one row per refused line in the inputs table, and no name in clear anywhere.
+    let conn = rusqlite::Connection::open(data.join("rxflow.db")).unwrap();
+    let kept: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM inputs WHERE status = 'quarantined'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(kept as u64, r["input_errors"].as_u64().unwrap());
+    drop(conn);
+    let logs = keep_output(tmp.path(), "bad", &out);
+    assert_no_phi(&input, &[&data, &logs]);
+}
+
+#[test]
+fn a_missing_input_folder_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = run(&[
+        "run",
+        "--input",
+        tmp.path().join("nowhere").to_str().unwrap(),
+        "--data-dir",
+        tmp.path().join("d").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains("nowhere") && err.contains("--input"), "{err}");
+}
+
+#[test]
+fn a_folder_without_ndjson_files_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = run(&[
+        "run",
+        "--input",
+        tmp.path().to_str().unwrap(),
+        "--data-dir",
+        tmp.path().join("d").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("no .ndjson files"),
+        "{}",
+        text(&out.stderr)
+    );
+}
