@@ -2,7 +2,9 @@
 //! hash chain and every signed checkpoint against it.
 
 use rx_guard::audit::chain::{ChainBreak, Verifier};
-use rx_store::RecordStore;
+use rx_guard::audit::ChainedEvent;
+use rx_guard::merkle::{checkpoint_hash, Checkpoint, TreeBuilder};
+use rx_store::{CheckpointRow, RecordStore};
 use serde::{Deserialize, Serialize};
 
 use crate::Result;
@@ -97,23 +99,47 @@ pub struct TrailReport {
     pub ok: bool,
 }
 
-/// Verifies the whole trail: the hash chain of every event, then each checkpoint (see the
-/// module docs). Stops at the first break and reports it; `Err` only when the store cannot be
-/// read.
+/// Verifies the whole trail in one pass over the events, in pages (constant memory):
+///
+/// * every event's chain link ([`Verifier`]);
+/// * every checkpoint, when the walk reaches its first event: its body parses and agrees with
+///   its row, its signature verifies with `trusted_public_key` (skipped when `None`:
+///   [`TrailReport::signatures_checked`] says so), its number and range follow the previous
+///   checkpoint's, and its `prev_checkpoint_hash` is the hash of the previous stored checkpoint;
+/// * at its last event: its root recomputes from the events and its `chain_head` is that event's
+///   hash;
+/// * a checkpoint covering events the trail no longer has means the end was cut off.
+///
+/// Stops at the first break and reports it; `Err` only when the store cannot be read.
 pub async fn verify_trail(
     store: &dyn RecordStore,
     trusted_public_key: Option<&[u8]>,
 ) -> Result<TrailReport> {
-    let checkpoints = store.checkpoints().await?;
+    let rows = store.checkpoints().await?;
     let mut report = TrailReport {
         events: 0,
-        checkpoints: checkpoints.len() as u64,
+        checkpoints: rows.len() as u64,
         events_sealed: 0,
         signatures_checked: trusted_public_key.is_some(),
         first_break: None,
         ok: false,
     };
     let mut chain = Verifier::new();
+    let mut sealing = Sealing::new(&rows, trusted_public_key);
+    let found = walk(store, &mut chain, &mut sealing).await?;
+    report.events = chain.len();
+    report.events_sealed = sealing.sealed;
+    report.ok = found.is_none();
+    report.first_break = found;
+    Ok(report)
+}
+
+/// The walk itself: `Ok(Some(break))` at the first break.
+async fn walk(
+    store: &dyn RecordStore,
+    chain: &mut Verifier,
+    sealing: &mut Sealing<'_>,
+) -> Result<Option<Break>> {
     let mut next = 1u64;
     loop {
         let page = store.audit_range(next, PAGE).await?;
@@ -121,13 +147,183 @@ pub async fn verify_trail(
         next = last.seq.saturating_add(1);
         for ev in &page {
             if let Err(b) = chain.push(ev) {
-                report.events = chain.len();
-                report.first_break = Some(Break::from_chain(&b));
-                return Ok(report);
+                return Ok(Some(Break::from_chain(&b)));
+            }
+            if let Err(b) = sealing.push(ev) {
+                return Ok(Some(b));
             }
         }
     }
-    report.events = chain.len();
-    report.ok = report.first_break.is_none();
-    Ok(report)
+    Ok(sealing.finish(chain.len()).err())
+}
+
+/// The checkpoint being recomputed while the events stream past.
+struct Open {
+    cp: Checkpoint,
+    tree: TreeBuilder,
+}
+
+/// Checks the checkpoints in order against the event stream.
+struct Sealing<'a> {
+    rows: &'a [CheckpointRow],
+    key: Option<&'a [u8]>,
+    /// Index of the next checkpoint to open.
+    next: usize,
+    open: Option<Open>,
+    /// Events covered by checkpoints that fully verified.
+    sealed: u64,
+}
+
+impl<'a> Sealing<'a> {
+    fn new(rows: &'a [CheckpointRow], key: Option<&'a [u8]>) -> Self {
+        Sealing {
+            rows,
+            key,
+            next: 0,
+            open: None,
+            sealed: 0,
+        }
+    }
+
+    /// The static checks of checkpoint `i`: readable, signed, numbered, contiguous, linked.
+    fn check(&self, i: usize) -> std::result::Result<Checkpoint, Break> {
+        let row = &self.rows[i];
+        let n = row.number;
+        let cp = Checkpoint::from_json(&row.body).map_err(|e| {
+            Break::checkpoint(
+                n,
+                BreakKind::CheckpointUnreadable,
+                format!("checkpoint {n}: {e}"),
+            )
+        })?;
+        if let Some(key) = self.key {
+            cp.verify_signature(key)
+                .map_err(|e| Break::checkpoint(n, BreakKind::CheckpointSignature, e.to_string()))?;
+        }
+        if (cp.number, cp.first_seq, cp.last_seq) != (row.number, row.first_seq, row.last_seq) {
+            return Err(Break::checkpoint(
+                n,
+                BreakKind::CheckpointUnreadable,
+                format!(
+                    "checkpoint row {n} says events {}..={}, its signed body says checkpoint {} \
+                     over events {}..={}: the row was altered",
+                    row.first_seq, row.last_seq, cp.number, cp.first_seq, cp.last_seq
+                ),
+            ));
+        }
+        let (want_number, want_first, want_prev) = match i.checked_sub(1) {
+            None => (1, 1, [0u8; 32]),
+            Some(p) => {
+                let prev = &self.rows[p];
+                (
+                    prev.number + 1,
+                    prev.last_seq + 1,
+                    checkpoint_hash(&prev.body),
+                )
+            }
+        };
+        if cp.number != want_number {
+            return Err(Break::checkpoint(
+                n,
+                BreakKind::CheckpointRange,
+                format!(
+                    "checkpoint {} is stored where checkpoint {want_number} belongs: a \
+                     checkpoint was removed, added or moved",
+                    cp.number
+                ),
+            ));
+        }
+        if cp.first_seq != want_first
+            || cp.last_seq < cp.first_seq
+            || cp.tree_size != cp.last_seq - cp.first_seq + 1
+        {
+            return Err(Break::checkpoint(
+                n,
+                BreakKind::CheckpointRange,
+                format!(
+                    "checkpoint {n} covers events {}..={} ({} leaves) but should start at event \
+                     {want_first} and have one leaf per event: the checkpoints do not cover the \
+                     trail contiguously",
+                    cp.first_seq, cp.last_seq, cp.tree_size
+                ),
+            ));
+        }
+        if cp.prev_checkpoint_hash != want_prev {
+            return Err(Break::checkpoint(
+                n,
+                BreakKind::CheckpointUnlinked,
+                format!(
+                    "checkpoint {n} does not chain to checkpoint {}: one of them was replaced or \
+                     altered",
+                    n.saturating_sub(1)
+                ),
+            ));
+        }
+        Ok(cp)
+    }
+
+    fn push(&mut self, ev: &ChainedEvent) -> std::result::Result<(), Break> {
+        if self.open.is_none() && self.next < self.rows.len() {
+            // Checkpoints are contiguous from 1 (checked), so the next one starts here.
+            let cp = self.check(self.next)?;
+            self.next += 1;
+            self.open = Some(Open {
+                cp,
+                tree: TreeBuilder::new(),
+            });
+        }
+        let Some(open) = self.open.as_mut() else {
+            return Ok(()); // after the last checkpoint: not sealed yet
+        };
+        open.tree.push_event(&ev.hash);
+        if ev.seq < open.cp.last_seq {
+            return Ok(());
+        }
+        let cp = &open.cp;
+        let n = cp.number;
+        if open.tree.root() != cp.root {
+            return Err(Break::checkpoint(
+                n,
+                BreakKind::CheckpointRoot,
+                format!(
+                    "the events {}..={} no longer give the root checkpoint {n} signed: an event \
+                     in that range was altered, deleted, inserted or reordered (and the chain \
+                     recomputed)",
+                    cp.first_seq, cp.last_seq
+                ),
+            ));
+        }
+        if ev.hash != cp.chain_head {
+            return Err(Break::checkpoint(
+                n,
+                BreakKind::CheckpointChainHead,
+                format!(
+                    "event {} is not the event checkpoint {n} sealed as its last: the trail was \
+                     rewritten",
+                    ev.seq
+                ),
+            ));
+        }
+        self.sealed = cp.last_seq;
+        self.open = None;
+        Ok(())
+    }
+
+    /// After the last event (`len`): any checkpoint left over covers events that are gone.
+    fn finish(&mut self, len: u64) -> std::result::Result<(), Break> {
+        let cp = match self.open.take() {
+            Some(open) => open.cp,
+            None if self.next < self.rows.len() => self.check(self.next)?,
+            None => return Ok(()),
+        };
+        Err(Break::checkpoint(
+            cp.number,
+            BreakKind::Truncated,
+            format!(
+                "checkpoint {} covers events up to {} but the trail ends at event {len}: events \
+                 were removed from the end of the trail",
+                cp.number, cp.last_seq
+            ),
+        ))
+    }
 }

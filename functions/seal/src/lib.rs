@@ -1,1 +1,127 @@
-//! (in progress)
+//! rx-fn-seal: the scheduled step that seals new audit events into a signed Merkle checkpoint.
+//!
+//! Each run takes the events after the last checkpoint (paging through the trail, memory
+//! O(page + log n)), checks they chain from the last checkpoint's `chain_head`, computes the
+//! RFC 6962 root over their chain hashes, signs the checkpoint and stores it, chained to the
+//! previous one by the hash of its stored bytes. The formats are in `docs/audit-trail.md`.
+
+mod error;
+
+pub use error::{Result, SealError};
+
+use chrono::{SubsecRound, Utc};
+use rx_guard::audit::chain::{self, GENESIS};
+use rx_guard::merkle::{
+    checkpoint_hash, Checkpoint, CheckpointSigner, TreeBuilder, CHECKPOINT_VERSION,
+};
+use rx_store::{CheckpointRow, RecordStore};
+
+/// Events read per page.
+pub const PAGE: usize = 8192;
+
+/// Seals the events appended since the last checkpoint into the next checkpoint and stores it.
+/// Returns `None` when there is nothing new to seal.
+pub async fn seal(
+    store: &dyn RecordStore,
+    signer: &dyn CheckpointSigner,
+) -> Result<Option<Checkpoint>> {
+    let rows = store.checkpoints().await?;
+    let (number, first_seq, prev_checkpoint_hash, mut head) = match rows.last() {
+        None => (1, 1, [0u8; 32], GENESIS),
+        Some(row) => {
+            let last =
+                Checkpoint::from_json(&row.body).map_err(|e| SealError::UnreadableCheckpoint {
+                    number: row.number,
+                    reason: e.to_string(),
+                })?;
+            if (last.number, last.first_seq, last.last_seq)
+                != (row.number, row.first_seq, row.last_seq)
+            {
+                return Err(SealError::UnreadableCheckpoint {
+                    number: row.number,
+                    reason: "its body disagrees with its row".into(),
+                });
+            }
+            (
+                last.number + 1,
+                last.last_seq + 1,
+                checkpoint_hash(&row.body),
+                last.chain_head,
+            )
+        }
+    };
+
+    let mut tree = TreeBuilder::new();
+    let mut next = first_seq;
+    loop {
+        let page = store.audit_range(next, PAGE).await?;
+        if page.is_empty() {
+            break;
+        }
+        for ev in &page {
+            if ev.seq != next {
+                return Err(SealError::ChainBroken(format!(
+                    "audit sequence jumps from {} to {}",
+                    next - 1,
+                    ev.seq
+                )));
+            }
+            if ev.prev_hash != head || chain::link(&ev.prev_hash, &ev.body) != ev.hash {
+                return Err(SealError::ChainBroken(format!(
+                    "audit event {} does not chain from the event before it",
+                    ev.seq
+                )));
+            }
+            tree.push_event(&ev.hash);
+            head = ev.hash;
+            next += 1;
+        }
+    }
+    if tree.size() == 0 {
+        let len = store.audit_len().await?;
+        if len + 1 < first_seq {
+            return Err(SealError::ChainBroken(format!(
+                "checkpoint {} covers events up to {} but the trail ends at {len}: events were \
+                 removed from the end",
+                number - 1,
+                first_seq - 1
+            )));
+        }
+        return Ok(None);
+    }
+
+    let mut cp = Checkpoint {
+        version: CHECKPOINT_VERSION,
+        number,
+        first_seq,
+        last_seq: next - 1,
+        tree_size: tree.size(),
+        root: tree.root(),
+        prev_checkpoint_hash,
+        chain_head: head,
+        signed_at: Utc::now().trunc_subsecs(3),
+        key_id: signer.key_id().to_string(),
+        algorithm: signer.algorithm().to_string(),
+        signature: Vec::new(),
+    };
+    cp.signature = signer
+        .sign(&cp.signing_input())
+        .await
+        .map_err(SealError::Signer)?;
+    store
+        .put_checkpoint(&CheckpointRow {
+            number: cp.number,
+            first_seq: cp.first_seq,
+            last_seq: cp.last_seq,
+            body: cp.to_json(),
+        })
+        .await?;
+    tracing::info!(
+        checkpoint = cp.number,
+        first_seq = cp.first_seq,
+        last_seq = cp.last_seq,
+        key_id = %cp.key_id,
+        "audit checkpoint sealed"
+    );
+    Ok(Some(cp))
+}
