@@ -6,3 +6,5 @@ pub mod bulk;
 pub mod commands;
 pub mod pipeline;
 pub mod report;
+pub mod serve;
+pub mod token;

@@ -1,0 +1,591 @@
+//! `rxflow serve`: the HTTP API of every person-facing step on one port, over the embedded
+//! deployment in a data directory, with the queue steps (validate, review) run in-process after
+//! intake so a submitted order reaches the pharmacist queue.
+//!
+//! Routes are thin: the shared layer in [`rx_platform::http`] authenticates the caller, turns
+//! errors into OperationOutcomes and wraps everything in the middleware stack; the step handlers
+//! decide and audit.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{FromRef, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use chrono::Utc;
+use rx_domain::fhir::{self, Submission};
+use rx_domain::{MedicationOrder, PrescriberRef};
+use rx_guard::access::{Action, DevIssuer, JwksSource, JwtConfig, JwtVerifier, Resource};
+use rx_guard::audit::ResourceRef;
+use rx_guard::GuardError;
+use rx_platform::break_glass::{self, BreakGlassRequest, Opened};
+use rx_platform::config::{Config, ConfigError, DEFAULT_DATA_DIR};
+use rx_platform::event::{EventKind, PipelineEvent};
+use rx_platform::flow::break_glass_active;
+use rx_platform::http::{self as rxhttp, AppState, Caller, FhirJson, FhirPath, FhirQuery, Limits};
+use rx_platform::services::{Embedded, SetupError};
+use rx_platform::{Services, StepError, SystemClock};
+use rx_store::repo::domains;
+use rx_store::Table;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinHandle;
+
+/// Function name of intake in audit events.
+const INTAKE: &str = "intake";
+/// Pipeline events processed at once (each is a short chain of sealed reads and one commit).
+const PIPELINE_WORKERS: usize = 4;
+/// How long shutdown waits for the pipeline to finish what it has accepted.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub addr: SocketAddr,
+    /// Data directory of the embedded deployment (store, keys, dev token issuer).
+    #[arg(long = "data-dir", env = "RXFLOW_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Setup(#[from] SetupError),
+    #[error("{0}")]
+    Tokens(String),
+    #[error("cannot listen on {addr}: {source} (is another server running? pick another --addr)")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the server stopped: {0}")]
+    Serve(#[source] std::io::Error),
+}
+
+// ---------------------------------------------------------------------------------------------
+// Token verification
+
+/// The verifier `serve` trusts: a real IdP when `RXFLOW_JWKS` names its key set (file or URL,
+/// with `RXFLOW_JWT_ISSUER` and `RXFLOW_JWT_AUDIENCE`), else the data directory's dev issuer
+/// (the one `rxflow token` signs with).
+pub fn verifier_from_env(
+    data_dir: &std::path::Path,
+    get: impl Fn(&str) -> Option<String>,
+) -> Result<JwtVerifier, ServeError> {
+    let tokens = |what: String| ServeError::Tokens(what);
+    match get("RXFLOW_JWKS").filter(|s| !s.trim().is_empty()) {
+        Some(jwks) => {
+            let need = |name: &str| {
+                get(name).filter(|s| !s.trim().is_empty()).ok_or_else(|| {
+                    tokens(format!(
+                        "RXFLOW_JWKS is set, so {name} must name what tokens of that issuer carry"
+                    ))
+                })
+            };
+            let cfg = JwtConfig::new(need("RXFLOW_JWT_ISSUER")?, need("RXFLOW_JWT_AUDIENCE")?);
+            let source = if jwks.starts_with("https://") || jwks.starts_with("http://") {
+                JwksSource::Url(jwks)
+            } else {
+                JwksSource::File(PathBuf::from(jwks))
+            };
+            JwtVerifier::new(cfg, source)
+                .map_err(|e| tokens(format!("the key set in RXFLOW_JWKS: {e}")))
+        }
+        None => {
+            let dir = crate::token::issuer_dir(data_dir);
+            let issuer = DevIssuer::open_or_create(&dir).map_err(|e: GuardError| {
+                tokens(format!("the dev token issuer in {}: {e}", dir.display()))
+            })?;
+            tracing::warn!(
+                "trusting dev tokens from this data directory (`rxflow token`); set RXFLOW_JWKS, RXFLOW_JWT_ISSUER and RXFLOW_JWT_AUDIENCE for a real identity provider"
+            );
+            issuer
+                .verifier()
+                .map_err(|e| tokens(format!("the dev token issuer: {e}")))
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The in-process pipeline
+
+/// Hands accepted orders' events to the queue steps. Cheap to clone.
+#[derive(Clone)]
+pub struct Pipeline {
+    tx: mpsc::UnboundedSender<PipelineEvent>,
+}
+
+impl Pipeline {
+    fn publish(&self, events: Vec<PipelineEvent>) {
+        for ev in events {
+            if self.tx.send(ev).is_err() {
+                // Only while shutting down; the order is stored and the startup sweep resumes it.
+                tracing::warn!("pipeline closed; the order waits for the next start");
+            }
+        }
+    }
+}
+
+/// Run `first` and the events it leads to through the queue steps ([`crate::pipeline::dispatch`]).
+/// Unlike a batch run, the server never gives up on a transient failure (store or key
+/// service unavailable) or a lost conditional write: it retries with backoff, so an accepted
+/// order is never dropped while the server runs. Other failures are logged (ids only).
+async fn run_chain(svc: Arc<Services>, first: PipelineEvent) {
+    let mut todo = VecDeque::from([first]);
+    while let Some(ev) = todo.pop_front() {
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            match crate::pipeline::dispatch(&svc, &ev).await {
+                Ok(next) => {
+                    todo.extend(next);
+                    break;
+                }
+                Err(e) if e.is_transient() || matches!(e, StepError::Conflict(_)) => {
+                    tracing::warn!(rx = %ev.rx_id, step = ev.kind.type_name(), error = %e, retry_in_ms = backoff.as_millis() as u64, "pipeline step failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => {
+                    tracing::error!(rx = %ev.rx_id, step = ev.kind.type_name(), error = %e, "pipeline step refused the order; it stays in its current status");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+fn spawn_pipeline(svc: Arc<Services>) -> (Pipeline, JoinHandle<()>) {
+    let (tx, mut rx) = mpsc::unbounded_channel::<PipelineEvent>();
+    let worker = tokio::spawn(async move {
+        let slots = Arc::new(Semaphore::new(PIPELINE_WORKERS));
+        while let Some(ev) = rx.recv().await {
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                break;
+            };
+            let svc = svc.clone();
+            tokio::spawn(async move {
+                run_chain(svc, ev).await;
+                drop(slot);
+            });
+        }
+        // Every sender is gone (the server stopped): wait for the chains still running.
+        let _all = slots.acquire_many(PIPELINE_WORKERS as u32).await;
+    });
+    (Pipeline { tx }, worker)
+}
+
+/// Orders a previous run accepted but did not take through validate and review (a crash, a
+/// shutdown mid-chain) are resumed at start. Only `tenant`'s orders: the store lists by tenant.
+async fn resume_pending(svc: &Services, tenant: &str, pipeline: &Pipeline) {
+    for (status, kind) in [
+        (rx_domain::Status::Received, EventKind::Received),
+        (rx_domain::Status::Validated, EventKind::Validated),
+    ] {
+        let mut after: Option<String> = None;
+        loop {
+            let rows = match svc
+                .vault
+                .store
+                .list(
+                    Table::Prescriptions,
+                    tenant,
+                    Some(status.as_str()),
+                    after.as_deref(),
+                    500,
+                )
+                .await
+            {
+                Ok(rows) => rows,
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not list pending orders to resume");
+                    return;
+                }
+            };
+            let Some(last) = rows.last() else { break };
+            after = Some(last.id.clone());
+            let n = rows.len();
+            pipeline.publish(
+                rows.into_iter()
+                    .map(|r| PipelineEvent::new(kind, &r.id, tenant, r.version))
+                    .collect(),
+            );
+            tracing::info!(
+                count = n,
+                status = status.as_str(),
+                "resumed pending orders"
+            );
+            if n < 500 {
+                break;
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Routes
+
+#[derive(Clone)]
+struct ServeState {
+    app: AppState,
+    pipeline: Pipeline,
+}
+
+impl FromRef<ServeState> for AppState {
+    fn from_ref(s: &ServeState) -> AppState {
+        s.app.clone()
+    }
+}
+
+type Answer = Result<Response, StepError>;
+
+/// The router of every endpoint, wrapped in the shared HTTP layer.
+pub fn app(state: AppState, pipeline: Pipeline, limits: &Limits) -> Router {
+    let routes = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/prescriptions", post(submit))
+        .route("/prescriptions/{id}", get(read_prescription))
+        .route("/prescriptions/{id}/cancel", post(cancel))
+        .route("/prescriptions/{id}/verification", post(verify))
+        .route("/prescriptions/{id}/dispenses", post(dispense))
+        .route("/patients/{id}/prescriptions", get(patient_prescriptions))
+        .route("/queue", get(queue))
+        .route("/break-glass", post(open_break_glass))
+        .with_state(ServeState {
+            app: state,
+            pipeline,
+        });
+    rxhttp::with_layers(routes, limits)
+}
+
+async fn healthz() -> Response {
+    rxhttp::fhir(StatusCode::OK, &json!({"status": "pass"}))
+}
+
+/// The NPI an order names as its prescriber (looked up in the submission's Practitioners for a
+/// literal reference).
+fn requester_npi<'a>(order: &'a MedicationOrder, submission: &'a Submission) -> Option<&'a str> {
+    match &order.requester {
+        PrescriberRef::Npi(n) => Some(n.as_str()),
+        PrescriberRef::Inline(p) => p.npi.as_deref(),
+        PrescriberRef::Reference(id) => submission
+            .prescribers
+            .iter()
+            .find(|p| p.source_id.as_deref() == Some(id.as_str()))
+            .and_then(|p| p.npi.as_deref()),
+        PrescriberRef::Missing => None,
+    }
+}
+
+/// `POST /prescriptions`: a MedicationRequest or a Bundle. Each order is authorized
+/// (`submit-prescription`: a prescriber their own, a service any of its tenant) before anything
+/// is stored; then intake stores them and the pipeline takes them on in the background.
+async fn submit(
+    State(st): State<ServeState>,
+    caller: Caller,
+    FhirJson(body): FhirJson<Value>,
+) -> Answer {
+    let svc = &st.app.svc;
+    let p = &caller.principal;
+    let submission = fhir::parse_submission(&body)?;
+    for order in &submission.orders {
+        let controlled = order
+            .medication
+            .rxnorm
+            .as_deref()
+            .and_then(|c| svc.drugs.product(c))
+            .is_none_or(|prod| prod.is_controlled());
+        let res = Resource {
+            tenant: &p.tenant,
+            prescriber_subject: None,
+            prescriber_npi: requester_npi(order, &submission),
+            controlled,
+        };
+        let patient = svc.vault.blind(domains::PATIENT, &order.patient_ref);
+        caller
+            .authorize(
+                svc,
+                Action::SubmitPrescription,
+                Some(&res),
+                ResourceRef {
+                    kind: "MedicationRequest".into(),
+                    id: "-".into(),
+                },
+                Some(&patient),
+                INTAKE,
+            )
+            .await?;
+    }
+    let cx = caller.cx(INTAKE, break_glass_active(p, Utc::now()));
+    let out = rx_fn_intake::handle(svc, &cx, &p.tenant, &body).await?;
+    st.pipeline.publish(out.events);
+
+    let created = out.accepted.iter().any(|a| !a.duplicate);
+    let entries: Vec<Value> = out
+        .accepted
+        .iter()
+        .map(|a| {
+            json!({
+                "response": {
+                    "status": if a.duplicate { "200 OK" } else { "201 Created" },
+                    "location": format!("MedicationRequest/{}", a.rx_id),
+                },
+                "extension": [{
+                    "url": "https://rxflow.dev/fhir/StructureDefinition/workflow-status",
+                    "valueCode": a.status,
+                }],
+            })
+        })
+        .collect();
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    let mut res = rxhttp::fhir(
+        status,
+        &json!({"resourceType": "Bundle", "type": "transaction-response", "entry": entries}),
+    );
+    if let Some(first) = out.accepted.first() {
+        if let Ok(v) = HeaderValue::from_str(&format!("/prescriptions/{}", first.rx_id)) {
+            res.headers_mut().insert(header::LOCATION, v);
+        }
+    }
+    Ok(res)
+}
+
+async fn read_prescription(
+    State(st): State<ServeState>,
+    caller: Caller,
+    FhirPath(id): FhirPath<String>,
+) -> Answer {
+    let v = rx_fn_records::get(&st.app.svc, &caller.principal, caller.source_ip, &id).await?;
+    Ok(rxhttp::fhir(StatusCode::OK, &v))
+}
+
+async fn patient_prescriptions(
+    State(st): State<ServeState>,
+    caller: Caller,
+    FhirPath(patient): FhirPath<String>,
+) -> Answer {
+    let v =
+        rx_fn_records::list_for_patient(&st.app.svc, &caller.principal, caller.source_ip, &patient)
+            .await?;
+    Ok(rxhttp::fhir(StatusCode::OK, &v))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CancelRequest {
+    reason: String,
+}
+
+async fn cancel(
+    State(st): State<ServeState>,
+    caller: Caller,
+    FhirPath(id): FhirPath<String>,
+    FhirJson(req): FhirJson<CancelRequest>,
+) -> Answer {
+    let v = rx_fn_records::cancel(
+        &st.app.svc,
+        &caller.principal,
+        caller.source_ip,
+        &id,
+        &req.reason,
+    )
+    .await?;
+    Ok(rxhttp::fhir(StatusCode::OK, &v))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QueueParams {
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+async fn queue(
+    State(st): State<ServeState>,
+    caller: Caller,
+    FhirQuery(q): FhirQuery<QueueParams>,
+) -> Answer {
+    let limit = q
+        .limit
+        .unwrap_or(rx_fn_records::MAX_QUEUE)
+        .clamp(1, rx_fn_records::MAX_QUEUE);
+    let v = rx_fn_records::queue(&st.app.svc, &caller.principal, caller.source_ip, limit).await?;
+    Ok(rxhttp::fhir(StatusCode::OK, &v))
+}
+
+async fn verify(
+    State(st): State<ServeState>,
+    caller: Caller,
+    FhirPath(id): FhirPath<String>,
+    FhirJson(req): FhirJson<rx_fn_verify::VerifyRequest>,
+) -> Answer {
+    let out =
+        rx_fn_verify::handle(&st.app.svc, &caller.principal, caller.source_ip, &id, &req).await?;
+    st.pipeline.publish(out.events.clone());
+    Ok(rxhttp::fhir(StatusCode::OK, &out))
+}
+
+async fn dispense(
+    State(st): State<ServeState>,
+    caller: Caller,
+    FhirPath(id): FhirPath<String>,
+    FhirJson(req): FhirJson<rx_fn_dispense::DispenseRequest>,
+) -> Answer {
+    let out =
+        rx_fn_dispense::handle(&st.app.svc, &caller.principal, caller.source_ip, &id, &req).await?;
+    st.pipeline.publish(out.events);
+    let mut res = rxhttp::fhir(StatusCode::CREATED, &out.dispense);
+    if let Some(did) = out.dispense.get("id").and_then(Value::as_str) {
+        if let Ok(v) = HeaderValue::from_str(&format!("/prescriptions/{id}/dispenses/{did}")) {
+            res.headers_mut().insert(header::LOCATION, v);
+        }
+    }
+    Ok(res)
+}
+
+async fn open_break_glass(
+    State(st): State<ServeState>,
+    caller: Caller,
+    FhirJson(req): FhirJson<BreakGlassRequest>,
+) -> Answer {
+    let grant = break_glass::open(&st.app.svc, &caller.principal, caller.source_ip, &req).await?;
+    Ok(rxhttp::fhir(StatusCode::CREATED, &Opened::from(&grant)).into_response())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Server
+
+/// A bound server, not yet serving: tests read its address and services.
+pub struct Server {
+    listener: TcpListener,
+    router: Router,
+    pipeline_worker: JoinHandle<()>,
+    addr: SocketAddr,
+    state: AppState,
+}
+
+/// Open the embedded deployment in `args.data_dir`, build the verifier and the router, start the
+/// pipeline (resuming orders left pending) and bind `args.addr` (port 0 picks a free port).
+pub async fn bind(args: &ServeArgs) -> Result<Server, ServeError> {
+    bind_with(args, Limits::default()).await
+}
+
+/// [`bind`] with chosen limits.
+pub async fn bind_with(args: &ServeArgs, limits: Limits) -> Result<Server, ServeError> {
+    let mut config = Config::from_env()?;
+    config.data_dir = args.data_dir.clone();
+    let embedded = Embedded::open(&config, Arc::new(SystemClock))?;
+    let verifier = verifier_from_env(&args.data_dir, |k| std::env::var(k).ok())?;
+    let state = AppState::new(embedded.services, verifier);
+    let (pipeline, pipeline_worker) = spawn_pipeline(state.svc.clone());
+    resume_pending(&state.svc, &config.tenant, &pipeline).await;
+    let router = app(state.clone(), pipeline, &limits);
+    let listener = TcpListener::bind(args.addr)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: args.addr,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| ServeError::Bind {
+        addr: args.addr,
+        source,
+    })?;
+    Ok(Server {
+        listener,
+        router,
+        pipeline_worker,
+        addr,
+        state,
+    })
+}
+
+impl Server {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The services the server runs over (tests put fixtures in place through them).
+    pub fn services(&self) -> Arc<Services> {
+        self.state.svc.clone()
+    }
+
+    /// Serve until `shutdown` completes; then finish the requests in progress, stop accepting
+    /// pipeline work and wait (up to 30 s) for the pipeline to finish what it accepted.
+    pub async fn serve(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServeError> {
+        tracing::info!(addr = %self.addr, "rxflow serving");
+        let served = axum::serve(
+            self.listener,
+            self.router
+                .into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown)
+        .await;
+        // The router (and its pipeline senders) is gone now: the worker drains and ends.
+        match tokio::time::timeout(DRAIN_TIMEOUT, self.pipeline_worker).await {
+            Ok(_) => tracing::info!("pipeline drained"),
+            Err(_) => tracing::warn!(
+                "pipeline still busy at shutdown; unfinished orders resume at the next start"
+            ),
+        }
+        served.map_err(ServeError::Serve)
+    }
+}
+
+/// Completes on SIGINT (Ctrl-C) or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutdown signal received; finishing requests in progress");
+}
+
+/// `rxflow serve`: serve until SIGINT/SIGTERM. Installs a JSON log subscriber (RUST_LOG, default
+/// `info`) unless the caller installed one.
+pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
+    let _ = tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_current_span(true)
+        .with_span_list(false)
+        .try_init();
+    let server = bind(&args).await?;
+    server.serve(shutdown_signal()).await
+}
