@@ -228,35 +228,59 @@ impl Pipeline {
         };
         drain(&svc, event.into_iter().collect()).await?;
         let rx_id = accepted.rx_id;
+        let mut notes = Vec::new();
         if let Some(p) = self.pharmacist.clone() {
             let rx = load_rx(&svc, &self.report_cx(), &tenant, &rx_id).await?;
             if rx.status == Status::AwaitingVerification
                 && !rx.record.alerts.iter().any(|a| a.is_blocking())
             {
-                self.verify_and_dispense(&p, &rx_id).await?;
+                notes.extend(self.verify_and_dispense(&p, &rx).await?);
             }
         }
         let rx = load_rx(&svc, &self.report_cx(), &tenant, &rx_id).await?;
-        Ok(self.outcome(source_id, &rx))
+        let mut outcome = self.outcome(source_id, &rx);
+        outcome.reasons.extend(notes);
+        Ok(outcome)
     }
 
-    async fn verify_and_dispense(&self, p: &Principal, rx_id: &str) -> Result<(), StepError> {
+    /// Verify and fill an order as the named pharmacist. A refusal leaves the order where it is
+    /// and comes back as a note saying why; only infrastructure failures are errors.
+    async fn verify_and_dispense(
+        &self,
+        p: &Principal,
+        rx: &Rx,
+    ) -> Result<Option<ReasonOut>, StepError> {
         let svc = &self.emb.services;
+        let rx_id = rx.id();
         let approve: rx_fn_verify::VerifyRequest =
             serde_json::from_value(serde_json::json!({ "decision": "approve" }))
                 .map_err(|e| StepError::invalid(format!("verification request: {e}")))?;
-        match with_retry(|| rx_fn_verify::handle(svc, p, None, rx_id, &approve)).await {
-            Ok(_) => {}
-            // A refusal (an alert that needs an override) leaves the order with the pharmacist.
-            Err(StepError::Refused(_) | StepError::Forbidden(_)) => return Ok(()),
-            Err(e) => return Err(e),
+        if let Err(e) = with_retry(|| rx_fn_verify::handle(svc, p, None, rx_id, &approve)).await {
+            return left_with_pharmacist(e, "verification-refused");
         }
-        let fill: rx_fn_dispense::DispenseRequest =
-            serde_json::from_value(serde_json::json!({}))
-                .map_err(|e| StepError::invalid(format!("dispense request: {e}")))?;
+        // An order that states no quantity is filled for the default supply at the dose its
+        // dosage gives; with neither, the pharmacist has to enter the quantity.
+        let order = &rx.record.order;
+        let days = order.days_supply.unwrap_or(svc.dur.default_active_days);
+        let quantity = match order.quantity {
+            Some(_) => None,
+            None => match rx_domain::dur::units_per_day(order) {
+                Some(per_day) => Some((per_day * f64::from(days)).ceil()),
+                None => {
+                    return Ok(Some(ReasonOut {
+                        code: "quantity-needed".into(),
+                        message: "Verified; the order states no quantity and its dosage gives no daily amount, so the pharmacist must enter the quantity to dispense.".into(),
+                    }))
+                }
+            },
+        };
+        let fill = rx_fn_dispense::DispenseRequest {
+            quantity,
+            days_supply: order.days_supply.is_none().then_some(days),
+        };
         match with_retry(|| rx_fn_dispense::handle(svc, p, None, rx_id, &fill)).await {
-            Ok(_) | Err(StepError::Refused(_) | StepError::Forbidden(_)) => Ok(()),
-            Err(e) => Err(e),
+            Ok(_) => Ok(None),
+            Err(e) => left_with_pharmacist(e, "dispense-refused"),
         }
     }
 
@@ -303,6 +327,17 @@ impl Pipeline {
             schedule,
         }
     }
+}
+
+/// A refusal by verify or dispense leaves the order waiting, with the refusal as a note.
+fn left_with_pharmacist(e: StepError, code: &str) -> Result<Option<ReasonOut>, StepError> {
+    if e.is_transient() {
+        return Err(e);
+    }
+    Ok(Some(ReasonOut {
+        code: code.to_string(),
+        message: e.to_string(),
+    }))
 }
 
 /// An order intake refused outright (it never got a prescription id).

@@ -48,6 +48,11 @@ fn assert_every_order_settled_with_a_reason(r: &Value) {
                     assert!(!r["message"].as_str().unwrap().is_empty());
                 }
             }
+            "verified" => assert!(
+                !reasons.is_empty(),
+                "order {} was verified but not dispensed, without a reason",
+                o["id"]
+            ),
             "awaiting-verification" => assert!(
                 !alerts.is_empty(),
                 "order {} waits for a pharmacist without an alert saying why",

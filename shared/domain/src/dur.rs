@@ -66,7 +66,7 @@ pub fn is_active(
 
 /// Units of the product taken per day: from the structured dosage (dose × times per day), else
 /// quantity ÷ days supply. `None` when the order says neither.
-fn units_per_day(order: &MedicationOrder) -> Option<f64> {
+pub fn units_per_day(order: &MedicationOrder) -> Option<f64> {
     let from_dosage: f64 = order
         .dosage
         .iter()
