@@ -1,0 +1,118 @@
+//! Inclusion proofs: built from a real SQLite trail, checked with the public key alone.
+
+mod support;
+
+use rx_fn_audit::{prove, verify_proof, AuditError, InclusionProof};
+use rx_guard::merkle::{CheckpointSigner, LocalSigner};
+use support::*;
+
+async fn proof_for(t: &Trail, seq: u64) -> InclusionProof {
+    prove(&t.store, &event_id(t, seq).await).await.unwrap()
+}
+
+async fn event_id(t: &Trail, seq: u64) -> String {
+    use rx_store::RecordStore;
+    let ev = &t.store.audit_range(seq, 1).await.unwrap()[0];
+    serde_json::from_slice::<rx_guard::audit::AuditEvent>(&ev.body)
+        .unwrap()
+        .id
+}
+
+#[tokio::test]
+async fn a_proof_for_every_real_event_verifies_with_the_public_key_alone() {
+    let t = trail(45, 15).await;
+    for seq in 1..=45 {
+        let proof = proof_for(&t, seq).await;
+        assert_eq!(proof.seq, seq);
+        assert_eq!(proof.checkpoint.number, (seq - 1) / 15 + 1);
+        // Through JSON and back, as an outside party gets it.
+        let json = serde_json::to_string_pretty(&proof).unwrap();
+        let back: InclusionProof = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, proof);
+        verify_proof(&back, &t.key()).unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_single_event_checkpoint_proves_with_an_empty_path() {
+    let t = trail(1, 1).await;
+    let proof = proof_for(&t, 1).await;
+    assert!(proof.audit_path.is_empty());
+    verify_proof(&proof, &t.key()).unwrap();
+}
+
+fn invalid(r: rx_fn_audit::Result<()>) -> String {
+    match r {
+        Err(AuditError::ProofInvalid(why)) => why,
+        other => panic!("expected an invalid proof, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn an_altered_proof_fails() {
+    let t = trail(40, 20).await;
+    let proof = proof_for(&t, 27).await;
+    let key = t.key();
+
+    let mut p = proof.clone();
+    p.body = p.body.replace("\"read\"", "\"create\"");
+    assert!(invalid(verify_proof(&p, &key)).contains("altered"));
+
+    let mut p = proof.clone();
+    p.audit_path[2][5] ^= 1;
+    assert!(invalid(verify_proof(&p, &key)).contains("root"));
+
+    let mut p = proof.clone();
+    p.leaf_index += 1;
+    invalid(verify_proof(&p, &key));
+
+    let mut p = proof.clone();
+    p.checkpoint.root[0] ^= 1;
+    assert!(invalid(verify_proof(&p, &key)).contains("root"));
+
+    let mut p = proof.clone();
+    p.event_id = "019ae000-0000-7000-8000-000000000009".into();
+    invalid(verify_proof(&p, &key));
+
+    // A checkpoint re-signed by another key does not verify with the trusted one.
+    let dir = tempfile::tempdir().unwrap();
+    let rogue = LocalSigner::open_or_create(&dir.path().join("rogue.pk8")).unwrap();
+    let mut p = proof.clone();
+    p.checkpoint.signature = rogue.sign(&p.checkpoint.signing_input()).await.unwrap();
+    assert!(invalid(verify_proof(&p, &key)).contains("signature"));
+    assert!(invalid(verify_proof(&proof, &rogue.public_key())).contains("signature"));
+
+    verify_proof(&proof, &key).unwrap();
+}
+
+#[tokio::test]
+async fn unsealed_and_unknown_events_say_what_to_do() {
+    let t = trail(25, 20).await;
+    let id = event_id(&t, 23).await;
+    match prove(&t.store, &id).await {
+        Err(e @ AuditError::NotSealed { seq: 23, .. }) => {
+            assert!(e.to_string().contains("rxflow seal"))
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        prove(&t.store, "019ae000-0000-7000-8000-00000000abcd").await,
+        Err(AuditError::EventNotFound(_))
+    ));
+}
+
+#[tokio::test]
+async fn no_proof_is_built_from_a_tampered_checkpoint_range() {
+    let t = trail(40, 20).await;
+    let id = event_id(&t, 5).await;
+    let db = attacker(&t.db());
+    let edited = String::from_utf8(body(&db, 12))
+        .unwrap()
+        .replace("\"read\"", "\"create\"");
+    set_body(&db, 12, edited.as_bytes());
+    rechain(&db);
+    assert!(matches!(
+        prove(&t.reopen(), &id).await,
+        Err(AuditError::Inconsistent(_))
+    ));
+}
