@@ -271,7 +271,7 @@ async fn finish(
     json: bool,
 ) -> Result<Ended, CommandError> {
     p.flush()?;
-    report.finish(started.elapsed());
+    report.finish(started.elapsed(), p.services().vault.sealer.stats());
     let check = crate::audit::verify(&p.emb).await?;
     report.audit_events = check.events;
     report.audit_verified = check.ok;

@@ -9,6 +9,15 @@ use serde::Serialize;
 
 use crate::pipeline::OrderOutcome;
 
+#[derive(Debug, Default, Clone, Copy, Serialize)]
+pub struct Encryption {
+    pub seals: u64,
+    pub opens: u64,
+    pub seconds: f64,
+    /// Percent of the run's elapsed time.
+    pub share_percent: f64,
+}
+
 #[derive(Debug, Default, Serialize)]
 pub struct Report {
     pub orders_total: u64,
@@ -25,6 +34,8 @@ pub struct Report {
     pub skipped_resources: BTreeMap<String, u64>,
     pub elapsed_seconds: f64,
     pub orders_per_second: f64,
+    /// Values sealed and opened, and the share of the run's wall time spent doing it.
+    pub encryption: Encryption,
     pub audit_events: u64,
     pub audit_verified: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -75,8 +86,19 @@ impl Report {
         }
     }
 
-    pub fn finish(&mut self, elapsed: Duration) {
+    pub fn finish(&mut self, elapsed: Duration, sealing: rx_guard::envelope::SealStats) {
         self.elapsed_seconds = elapsed.as_secs_f64();
+        let seconds = sealing.nanos as f64 / 1e9;
+        self.encryption = Encryption {
+            seals: sealing.seals,
+            opens: sealing.opens,
+            seconds,
+            share_percent: if self.elapsed_seconds > 0.0 {
+                100.0 * seconds / self.elapsed_seconds
+            } else {
+                0.0
+            },
+        };
         self.orders_per_second = if self.elapsed_seconds > 0.0 {
             self.orders_total as f64 / self.elapsed_seconds
         } else {
@@ -96,6 +118,16 @@ impl Report {
             format!(
                 "\n{} orders in {:.2} s ({:.0} orders/s)",
                 self.orders_total, self.elapsed_seconds, self.orders_per_second
+            ),
+        );
+        line(
+            &mut s,
+            format!(
+                "encryption: {} seals, {} opens, {:.3} s ({:.2}% of the run)",
+                self.encryption.seals,
+                self.encryption.opens,
+                self.encryption.seconds,
+                self.encryption.share_percent
             ),
         );
         line(&mut s, "\nFinal status".into());
