@@ -139,6 +139,13 @@ fn next_fill(
             expression: Some("quantity".into()),
         });
     }
+    if req.days_supply == Some(0) {
+        return Err(StepError::Invalid {
+            code: "value",
+            message: "the days supply must be at least one day".into(),
+            expression: Some("daysSupply".into()),
+        });
+    }
     if let Some(r) = remaining {
         if quantity > r + EPSILON {
             let unit = record.order.quantity_unit.as_deref().unwrap_or("unit(s)");

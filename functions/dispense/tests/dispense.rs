@@ -131,8 +131,12 @@ async fn a_quantity_above_what_remains_of_the_fill_is_refused() {
         "{err:?}"
     );
     assert_eq!(load(&d, &rx).await.row.version, version, "nothing written");
-    for q in [json!(0), json!(-2)] {
-        let err = handle(&d.svc, &rph(), None, &rx, &request(json!({"quantity": q})))
+    for body in [
+        json!({"quantity": 0}),
+        json!({"quantity": -2}),
+        json!({"quantity": 1, "daysSupply": 0}),
+    ] {
+        let err = handle(&d.svc, &rph(), None, &rx, &request(body))
             .await
             .expect_err("not positive");
         assert!(matches!(err, StepError::Invalid { .. }), "{err:?}");

@@ -191,7 +191,7 @@ async fn prescriber_lists_only_their_own_orders_of_a_patient() {
     };
     assert_eq!(own["resourceType"], "Bundle");
     assert_eq!(own["type"], "searchset");
-    assert_eq!(ids(&own), [mine.clone()]);
+    assert_eq!(ids(&own), std::slice::from_ref(&mine));
     assert_eq!(own["total"], 1);
     let mut both = ids(&all);
     both.sort();
