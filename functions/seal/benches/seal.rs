@@ -28,7 +28,7 @@ fn event(i: u64) -> AuditEvent {
             role: "pharmacist".into(),
             tenant: "pharmacy-0001".into(),
         },
-        if i % 10 == 0 {
+        if i.is_multiple_of(10) {
             Action::Update
         } else {
             Action::Read
