@@ -287,11 +287,10 @@ pub async fn load_rx_as(
     let rx = match load_rx(svc, &cx, &p.tenant, rx_id).await {
         Ok(rx) => rx,
         Err(StepError::NotFound(m)) => {
-            let code = format!("{}:not-found", action.as_str());
-            return match deny(svc, &cx, RX_KIND, rx_id, None, &code, m.clone()).await {
-                StepError::Forbidden(_) => Err(StepError::NotFound(m)),
-                other => Err(other),
-            };
+            let mut ev = cx.event(Action::Deny, RX_KIND, rx_id, None, Outcome::Denied);
+            ev.detail = Some(format!("{}:not-found", action.as_str()));
+            svc.vault.audit(&[ev]).await?;
+            return Err(StepError::NotFound(m));
         }
         Err(e) => return Err(e),
     };
