@@ -1,0 +1,478 @@
+//! The authorization matrix over HTTP: every role against every endpoint, allowed and denied,
+//! from one table; then the attribute rules (tenant isolation, prescriber's own orders, MFA on a
+//! controlled order, separation of duties). Every denial must leave an audit event.
+
+mod http_support;
+
+use http_support::*;
+use rx_domain::Status;
+use rx_guard::access::Role;
+use rx_guard::audit::Action as AuditAction;
+use serde_json::{json, Value};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ep {
+    Submit,
+    Read,
+    ListPatient,
+    Cancel,
+    Queue,
+    Verify,
+    Dispense,
+    BreakGlass,
+    AuditEvents,
+    AuditDisclosures,
+    AuditExport,
+}
+
+const ROLES: [Role; 6] = [
+    Role::Prescriber,
+    Role::Pharmacist,
+    Role::Technician,
+    Role::Auditor,
+    Role::Admin,
+    Role::Service,
+];
+
+const Y: bool = true;
+const N: bool = false;
+
+/// Who may call what (the prescriber acts on orders they wrote; nobody holds break-glass).
+#[rustfmt::skip]
+const MATRIX: [(Ep, [bool; 6]); 11] = [
+    //                        prescriber pharmacist technician auditor admin service
+    (Ep::Submit,           [Y,         N,         N,         N,      N,    Y]),
+    (Ep::Read,             [Y,         Y,         Y,         Y,      N,    Y]),
+    (Ep::ListPatient,      [Y,         Y,         N,         Y,      N,    Y]),
+    (Ep::Cancel,           [Y,         Y,         N,         N,      N,    N]),
+    (Ep::Queue,            [N,         Y,         Y,         N,      N,    Y]),
+    (Ep::Verify,           [N,         Y,         N,         N,      N,    N]),
+    (Ep::Dispense,         [N,         Y,         N,         N,      N,    N]),
+    (Ep::BreakGlass,       [Y,         Y,         Y,         N,      N,    N]),
+    (Ep::AuditEvents,      [N,         N,         N,         Y,      N,    N]),
+    (Ep::AuditDisclosures, [N,         N,         N,         Y,      N,    N]),
+    (Ep::AuditExport,      [N,         N,         N,         Y,      N,    N]),
+];
+
+const PATIENT: &str = "pat-matrix";
+
+fn caller(role: Role, ep: Ep) -> Who {
+    let subject = format!("{role}-{ep:?}").to_lowercase();
+    match role {
+        Role::Prescriber => Who::prescriber(&subject, DR_PUMP),
+        _ => Who::new(role, &subject),
+    }
+}
+
+/// Call `ep` as `who`, with the fixture the endpoint needs (a fresh order where the call
+/// changes one); the response and the status an allowed call answers with.
+async fn hit(s: &TestServer, who: &Who, ep: Ep, shared_rx: &str) -> (Resp, u16) {
+    match ep {
+        Ep::Submit => {
+            let r = s
+                .as_who(
+                    who,
+                    "POST",
+                    "/prescriptions",
+                    Some(&lisinopril(PATIENT, DR_PUMP)),
+                )
+                .await;
+            (r, 201)
+        }
+        Ep::Read => (
+            s.as_who(who, "GET", &format!("/prescriptions/{shared_rx}"), None)
+                .await,
+            200,
+        ),
+        Ep::ListPatient => (
+            s.as_who(
+                who,
+                "GET",
+                &format!("/patients/{PATIENT}/prescriptions"),
+                None,
+            )
+            .await,
+            200,
+        ),
+        Ep::Cancel => {
+            let id = s.queued(PATIENT).await;
+            let body = json!({"reason": "entered twice by mistake"});
+            (
+                s.as_who(
+                    who,
+                    "POST",
+                    &format!("/prescriptions/{id}/cancel"),
+                    Some(&body),
+                )
+                .await,
+                200,
+            )
+        }
+        Ep::Queue => (s.as_who(who, "GET", "/queue", None).await, 200),
+        Ep::Verify => {
+            let id = s.queued(PATIENT).await;
+            let body = json!({"decision": "approve"});
+            (
+                s.as_who(
+                    who,
+                    "POST",
+                    &format!("/prescriptions/{id}/verification"),
+                    Some(&body),
+                )
+                .await,
+                200,
+            )
+        }
+        Ep::Dispense => {
+            let id = s.queued(PATIENT).await;
+            s.verified(&id).await;
+            (
+                s.as_who(
+                    who,
+                    "POST",
+                    &format!("/prescriptions/{id}/dispenses"),
+                    Some(&json!({})),
+                )
+                .await,
+                201,
+            )
+        }
+        Ep::BreakGlass => {
+            let body = json!({"reason": "patient unconscious in the emergency department"});
+            (
+                s.as_who(who, "POST", "/break-glass", Some(&body)).await,
+                201,
+            )
+        }
+        Ep::AuditEvents => (s.as_who(who, "GET", "/audit/events", None).await, 200),
+        Ep::AuditDisclosures => (
+            s.as_who(
+                who,
+                "GET",
+                &format!("/audit/disclosures?patient={PATIENT}"),
+                None,
+            )
+            .await,
+            200,
+        ),
+        Ep::AuditExport => (s.as_who(who, "GET", "/audit/export", None).await, 200),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_role_against_every_endpoint_matches_the_policy_and_every_denial_is_audited() {
+    let s = TestServer::start().await;
+    let shared = s.queued(PATIENT).await;
+    let mut failures = Vec::new();
+    for (ep, allowed) in MATRIX {
+        for (role, allow) in ROLES.into_iter().zip(allowed) {
+            let who = caller(role, ep);
+            let (r, ok_status) = hit(&s, &who, ep, &shared).await;
+            if allow {
+                if r.status != ok_status {
+                    failures.push(format!(
+                        "{role} × {ep:?}: expected {ok_status}, got {} {}",
+                        r.status, r.text
+                    ));
+                }
+            } else {
+                if r.status != 403 {
+                    failures.push(format!(
+                        "{role} × {ep:?}: expected 403, got {} {}",
+                        r.status, r.text
+                    ));
+                    continue;
+                }
+                r.assert_outcome(403);
+                if s.denials(&who.subject).await.is_empty() {
+                    failures.push(format!("{role} × {ep:?}: denied without an audit event"));
+                }
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} cells wrong:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    s.stop().await;
+    assert_logs_free_of_phi();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submitted_order_reaches_the_pharmacist_queue_in_the_background() {
+    let s = TestServer::start().await;
+    let rph = Who::pharmacist("rph-queue");
+    let id = s
+        .submit(
+            &Who::prescriber("dr-pump", DR_PUMP),
+            &lisinopril("pat-q", DR_PUMP),
+        )
+        .await;
+    s.wait_for(TENANT, &id, Status::AwaitingVerification).await;
+    let q = s.as_who(&rph, "GET", "/queue", None).await;
+    assert_eq!(q.status, 200, "{}", q.text);
+    let ids: Vec<&str> = q.json["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .filter_map(|e| e["rxId"].as_str())
+        .collect();
+    assert!(ids.contains(&id.as_str()), "{ids:?}");
+    for needle in PHI {
+        assert!(!q.text.contains(needle), "the queue shows PHI: {}", q.text);
+    }
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_order_submitted_twice_is_stored_once() {
+    let s = TestServer::start().await;
+    let who = Who::prescriber("dr-pump", DR_PUMP);
+    let b = lisinopril("pat-dup", DR_PUMP);
+    let first = s.as_who(&who, "POST", "/prescriptions", Some(&b)).await;
+    assert_eq!(first.status, 201, "{}", first.text);
+    let again = s.as_who(&who, "POST", "/prescriptions", Some(&b)).await;
+    assert_eq!(again.status, 200, "{}", again.text);
+    assert_eq!(first.header("location"), again.header("location"));
+    assert_eq!(again.json["entry"][0]["response"]["status"], "200 OK");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_tenant_sees_nothing_and_each_attempt_is_audited() {
+    let s = TestServer::start().await;
+    let id = s.queued("pat-t").await;
+    let outsider = Who::pharmacist("rph-b").in_tenant(OTHER_TENANT);
+    let read = s
+        .as_who(&outsider, "GET", &format!("/prescriptions/{id}"), None)
+        .await;
+    read.assert_outcome(404);
+    let verify = s
+        .as_who(
+            &outsider,
+            "POST",
+            &format!("/prescriptions/{id}/verification"),
+            Some(&json!({"decision": "approve"})),
+        )
+        .await;
+    verify.assert_outcome(404);
+    let list = s
+        .as_who(&outsider, "GET", "/patients/pat-t/prescriptions", None)
+        .await;
+    assert_eq!(list.status, 200, "{}", list.text);
+    assert_eq!(list.json["total"], 0, "{}", list.text);
+    let queue = s.as_who(&outsider, "GET", "/queue", None).await;
+    assert_eq!(queue.json["count"], 0, "{}", queue.text);
+    let denials = s.denials("rph-b").await;
+    assert!(denials.len() >= 2, "{denials:?}");
+    assert!(denials.iter().all(|e| e.resource.id == id));
+    // Untouched: still waiting for its own pharmacy.
+    assert_eq!(s.status(TENANT, &id).await, Status::AwaitingVerification);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prescribers_reach_only_orders_they_wrote() {
+    let s = TestServer::start().await;
+    let id = s.queued("pat-own").await;
+    let smith = Who::prescriber("dr-smith", DR_SMITH);
+    let read = s
+        .as_who(&smith, "GET", &format!("/prescriptions/{id}"), None)
+        .await;
+    read.assert_outcome(403);
+    let cancel = s
+        .as_who(
+            &smith,
+            "POST",
+            &format!("/prescriptions/{id}/cancel"),
+            Some(&json!({"reason": "not my patient anyway"})),
+        )
+        .await;
+    cancel.assert_outcome(403);
+    // Submitting an order in another prescriber's name.
+    let forged = s
+        .as_who(
+            &smith,
+            "POST",
+            "/prescriptions",
+            Some(&lisinopril("pat-own", DR_PUMP)),
+        )
+        .await;
+    forged.assert_outcome(403);
+    let list = s
+        .as_who(&smith, "GET", "/patients/pat-own/prescriptions", None)
+        .await;
+    assert_eq!(list.json["total"], 0, "{}", list.text);
+    let details: Vec<String> = s
+        .denials("dr-smith")
+        .await
+        .into_iter()
+        .filter_map(|e| e.detail)
+        .collect();
+    for want in [
+        "read-prescription:not-own-patient-order",
+        "cancel-prescription:not-own-patient-order",
+        "submit-prescription:not-own-patient-order",
+        "list-patient-prescriptions:not-own-patient-order",
+    ] {
+        assert!(
+            details.iter().any(|d| d == want),
+            "{want} missing from {details:?}"
+        );
+    }
+    // The author still can.
+    let own = s
+        .as_who(
+            &Who::prescriber("dr-pump", DR_PUMP),
+            "GET",
+            &format!("/prescriptions/{id}"),
+            None,
+        )
+        .await;
+    assert_eq!(own.status, 200, "{}", own.text);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controlled_order_needs_mfa_to_verify_and_dispense() {
+    let s = TestServer::start().await;
+    let id = s
+        .submit(
+            &Who::prescriber("dr-pump", DR_PUMP),
+            &oxycodone("pat-cs", DR_PUMP),
+        )
+        .await;
+    s.wait_for(TENANT, &id, Status::AwaitingVerification).await;
+    let no_mfa = Who::pharmacist("rph-nomfa").without_mfa();
+    let approve = json!({"decision": "approve", "overrides": overrides(&s, &id).await});
+    let r = s
+        .as_who(
+            &no_mfa,
+            "POST",
+            &format!("/prescriptions/{id}/verification"),
+            Some(&approve),
+        )
+        .await;
+    r.assert_outcome(403);
+    assert!(s
+        .denials("rph-nomfa")
+        .await
+        .iter()
+        .any(|e| e.detail.as_deref() == Some("verify-prescription:mfa-required")));
+    let with_mfa = Who::pharmacist("rph-mfa");
+    let r = s
+        .as_who(
+            &with_mfa,
+            "POST",
+            &format!("/prescriptions/{id}/verification"),
+            Some(&approve),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let r = s
+        .as_who(
+            &no_mfa,
+            "POST",
+            &format!("/prescriptions/{id}/dispenses"),
+            Some(&json!({})),
+        )
+        .await;
+    r.assert_outcome(403);
+    let r = s
+        .as_who(
+            &Who::pharmacist("rph-fill"),
+            "POST",
+            &format!("/prescriptions/{id}/dispenses"),
+            Some(&json!({})),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    assert_eq!(r.json["resourceType"], "MedicationDispense", "{}", r.text);
+    s.stop().await;
+}
+
+/// Overrides for every alert the queue shows on `rx_id`.
+async fn overrides(s: &TestServer, rx_id: &str) -> Vec<Value> {
+    let q = s
+        .as_who(&Who::pharmacist("rph-look"), "GET", "/queue", None)
+        .await;
+    q.json["entries"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["rxId"] == rx_id)
+        .flat_map(|e| e["alerts"].as_array().cloned().unwrap_or_default())
+        .map(|a| json!({"alert": a["kind"], "reason": "discussed with the prescriber"}))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whoever_wrote_an_order_cannot_verify_it() {
+    let s = TestServer::start().await;
+    // One person, two roles: submits as a prescriber, then signs in as a pharmacist.
+    let id = s
+        .submit(
+            &Who::prescriber("pat-dual", DR_PUMP),
+            &lisinopril("pat-sod", DR_PUMP),
+        )
+        .await;
+    s.wait_for(TENANT, &id, Status::AwaitingVerification).await;
+    let same_person = Who::pharmacist("pat-dual");
+    let r = s
+        .as_who(
+            &same_person,
+            "POST",
+            &format!("/prescriptions/{id}/verification"),
+            Some(&json!({"decision": "approve"})),
+        )
+        .await;
+    r.assert_outcome(403);
+    assert!(s
+        .denials("pat-dual")
+        .await
+        .iter()
+        .any(|e| e.detail.as_deref() == Some("verify-prescription:separation-of-duties")));
+    assert_eq!(s.status(TENANT, &id).await, Status::AwaitingVerification);
+    let other = s
+        .as_who(
+            &Who::pharmacist("rph-other"),
+            "POST",
+            &format!("/prescriptions/{id}/verification"),
+            Some(&json!({"decision": "approve"})),
+        )
+        .await;
+    assert_eq!(other.status, 200, "{}", other.text);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allowed_reads_are_audited_with_the_caller_and_source_ip() {
+    let s = TestServer::start().await;
+    let id = s.queued("pat-read").await;
+    let r = s
+        .as_who(
+            &Who::pharmacist("rph-reader"),
+            "GET",
+            &format!("/prescriptions/{id}"),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let reads: Vec<_> = s
+        .events_of("rph-reader")
+        .await
+        .into_iter()
+        .filter(|e| e.action == AuditAction::Read && e.resource.id == id)
+        .collect();
+    assert!(!reads.is_empty());
+    assert!(
+        reads
+            .iter()
+            .all(|e| e.source_ip.as_deref() == Some("127.0.0.1")),
+        "{reads:?}"
+    );
+    assert!(reads.iter().all(|e| !e.break_glass));
+    s.stop().await;
+}

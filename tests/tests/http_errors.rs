@@ -1,0 +1,230 @@
+//! Error shapes over HTTP: every refusal is a FHIR OperationOutcome as application/fhir+json
+//! with the right status (400, 401 with a Bearer challenge, 404, 413, 415), request ids are set
+//! and echoed, and neither a response nor a log line carries the patient's name.
+
+mod http_support;
+
+use http_support::*;
+use rx_guard::access::{DevClaims, DevIssuer, Role};
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_json_is_a_400_operation_outcome() {
+    let s = TestServer::start().await;
+    let t = s.token(&Who::prescriber("dr-pump", DR_PUMP));
+    let req = s
+        .client
+        .post(format!("{}/prescriptions", s.base))
+        .bearer_auth(&t)
+        .header("content-type", "application/fhir+json")
+        .body(format!(
+            "{{\"resourceType\": \"Bundle\", \"entry\": [{{\"name\": \"{PATIENT_FAMILY}\""
+        ));
+    let r = s.raw(req).await;
+    r.assert_outcome(400);
+    assert!(!r.text.contains(PATIENT_FAMILY), "{}", r.text);
+
+    // Valid JSON that is not a prescription: a FHIR structure error, naming no value.
+    let mut b = lisinopril("pat-bad", DR_PUMP);
+    b["entry"][2]["resource"]["subject"] = json!({"reference": 42});
+    let r = s.call("POST", "/prescriptions", Some(&t), Some(&b)).await;
+    r.assert_outcome(400);
+    for needle in PHI {
+        assert!(!r.text.contains(needle), "{}", r.text);
+    }
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_content_type_is_415_and_oversize_body_is_413() {
+    let s = TestServer::start().await;
+    let t = s.token(&Who::prescriber("dr-pump", DR_PUMP));
+    let req = s
+        .client
+        .post(format!("{}/prescriptions", s.base))
+        .bearer_auth(&t)
+        .header("content-type", "text/plain")
+        .body("{}");
+    s.raw(req).await.assert_outcome(415);
+
+    let big = format!("{{\"pad\": \"{}\"}}", "x".repeat(1024 * 1024 + 1));
+    let req = s
+        .client
+        .post(format!("{}/prescriptions", s.base))
+        .bearer_auth(&t)
+        .header("content-type", "application/fhir+json")
+        .body(big);
+    let r = s.raw(req).await;
+    r.assert_outcome(413);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_or_bad_tokens_are_401_with_a_bearer_challenge() {
+    let s = TestServer::start().await;
+    let no_token = s.call("GET", "/queue", None, None).await;
+    no_token.assert_outcome(401);
+    assert!(no_token
+        .header("www-authenticate")
+        .is_some_and(|h| h.starts_with("Bearer")));
+
+    let garbage = s.call("GET", "/queue", Some("not.a.token"), None).await;
+    garbage.assert_outcome(401);
+    assert!(garbage
+        .header("www-authenticate")
+        .is_some_and(|h| h.starts_with("Bearer") && h.contains("invalid_token")));
+
+    // Signed by another issuer's key (same claims, same kid scheme): refused.
+    let elsewhere = tempfile::tempdir().expect("dir");
+    let stranger = DevIssuer::open_or_create(elsewhere.path()).expect("issuer");
+    let forged = stranger
+        .issue(
+            &DevClaims {
+                subject: "rph-forged".into(),
+                role: Role::Pharmacist,
+                tenant: TENANT.into(),
+                mfa: true,
+                npi: None,
+            },
+            std::time::Duration::from_secs(600),
+        )
+        .expect("token");
+    s.call("GET", "/queue", Some(&forged), None)
+        .await
+        .assert_outcome(401);
+
+    // Expired.
+    let now = chrono::Utc::now().timestamp();
+    let expired = s
+        .issuer
+        .sign_json(
+            &json!({"iss": s.issuer.issuer(), "aud": s.issuer.audience(), "sub": "rph-old",
+            "iat": now - 7200, "nbf": now - 7200, "exp": now - 3600, "role": "pharmacist",
+            "tenant": TENANT}),
+        )
+        .expect("token");
+    let r = s.call("GET", "/queue", Some(&expired), None).await;
+    r.assert_outcome(401);
+    assert!(r.text.contains("expired"), "{}", r.text);
+
+    // Another scheme is no bearer token.
+    let req = s
+        .client
+        .get(format!("{}/queue", s.base))
+        .header("authorization", "Basic cnBoOnNlY3JldA==");
+    s.raw(req).await.assert_outcome(401);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_routes_and_methods_are_operation_outcomes() {
+    let s = TestServer::start().await;
+    let r = s
+        .call(
+            "GET",
+            &format!("/patients/{PATIENT_FAMILY}/records"),
+            None,
+            None,
+        )
+        .await;
+    r.assert_outcome(404);
+    assert!(!r.text.contains(PATIENT_FAMILY));
+    let r = s.call("DELETE", "/prescriptions", None, None).await;
+    r.assert_outcome(405);
+    let t = s.token(&Who::pharmacist("rph-1"));
+    let r = s
+        .call("GET", "/prescriptions/not-a-uuid", Some(&t), None)
+        .await;
+    r.assert_outcome(400);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_ids_are_set_and_propagated() {
+    let s = TestServer::start().await;
+    let r = s.call("GET", "/healthz", None, None).await;
+    assert_eq!(r.status, 200);
+    let generated = r.header("x-request-id").expect("request id").to_string();
+    assert!(uuid::Uuid::parse_str(&generated).is_ok(), "{generated}");
+    let req = s
+        .client
+        .get(format!("{}/queue", s.base))
+        .header("x-request-id", "client-req-42");
+    let r = s.raw(req).await;
+    assert_eq!(r.status, 401);
+    assert_eq!(r.header("x-request-id"), Some("client-req-42"));
+    s.stop().await;
+    assert!(
+        logs()
+            .lines()
+            .any(|l| l.contains("client-req-42") && l.contains("\"route\":\"/queue\"")),
+        "the request id and route template are logged"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_response_outside_a_clinical_view_and_no_log_line_carries_the_patient_name() {
+    let s = TestServer::start().await;
+    let dr = Who::prescriber("dr-pump", DR_PUMP);
+    let submit = s
+        .as_who(
+            &dr,
+            "POST",
+            "/prescriptions",
+            Some(&lisinopril("pat-phi", DR_PUMP)),
+        )
+        .await;
+    assert_eq!(submit.status, 201, "{}", submit.text);
+    let id = submit
+        .header("location")
+        .expect("location")
+        .trim_start_matches("/prescriptions/")
+        .to_string();
+    s.wait_for(TENANT, &id, rx_domain::Status::AwaitingVerification)
+        .await;
+    let mut bodies = vec![submit.text.clone()];
+    let auditor = Who::new(Role::Auditor, "auditor-phi");
+    let admin = Who::new(Role::Admin, "admin-phi");
+    for (who, method, path) in [
+        (&auditor, "GET", format!("/prescriptions/{id}")),
+        (&admin, "GET", format!("/prescriptions/{id}")),
+        (&admin, "GET", "/patients/pat-phi/prescriptions".to_string()),
+        (&Who::pharmacist("rph-phi"), "GET", "/queue".to_string()),
+        (
+            &Who::new(Role::Technician, "tech-phi"),
+            "GET",
+            "/patients/pat-phi/prescriptions".to_string(),
+        ),
+    ] {
+        bodies.push(s.as_who(who, method, &path, None).await.text);
+    }
+    // The pharmacist's full view does show the patient (that is what it is for).
+    let full = s
+        .as_who(
+            &Who::pharmacist("rph-phi"),
+            "GET",
+            &format!("/prescriptions/{id}"),
+            None,
+        )
+        .await;
+    assert_eq!(full.status, 200, "{}", full.text);
+    for body in &bodies {
+        for needle in PHI {
+            assert!(
+                !body.contains(needle),
+                "a response carries PHI ({needle}): {body}"
+            );
+        }
+    }
+    s.stop().await;
+    assert_logs_free_of_phi();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_answers_without_a_token() {
+    let s = TestServer::start().await;
+    let r = s.call("GET", "/healthz", None, None).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), Some("application/fhir+json"));
+    s.stop().await;
+}
