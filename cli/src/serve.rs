@@ -262,6 +262,10 @@ pub fn app(state: AppState, pipeline: Pipeline, limits: &Limits) -> Router {
         .route("/patients/{id}/prescriptions", get(patient_prescriptions))
         .route("/queue", get(queue))
         .route("/break-glass", post(open_break_glass))
+        .route("/audit/events", get(audit_events))
+        .route("/audit/disclosures", get(audit_disclosures))
+        .route("/audit/export", get(audit_export))
+        .route("/audit/break-glass", get(audit_break_glass))
         .with_state(ServeState {
             app: state,
             pipeline,
@@ -465,6 +469,286 @@ async fn open_break_glass(
 ) -> Answer {
     let grant = break_glass::open(&st.app.svc, &caller.principal, caller.source_ip, &req).await?;
     Ok(rxhttp::fhir(StatusCode::CREATED, &Opened::from(&grant)).into_response())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Audit (the auditor's reads)
+//
+// The trail is one chain for the whole deployment; an auditor sees the events of actors of their
+// own organisation (tenant) only. Each read of the trail is itself audited.
+
+/// Function name of the audit endpoints in audit events.
+const AUDIT: &str = "audit";
+/// Entries `GET /audit/events` returns by default, and at most.
+const AUDIT_DEFAULT_LIMIT: usize = 1000;
+const AUDIT_MAX_LIMIT: usize = 10_000;
+/// Without `from`, a search covers this many hours back.
+const AUDIT_DEFAULT_WINDOW_HOURS: i64 = 24;
+
+fn trail_ref(what: &str) -> ResourceRef {
+    ResourceRef {
+        kind: "AuditEvent".into(),
+        id: what.into(),
+    }
+}
+
+fn audit_failure(e: rx_fn_audit::AuditError) -> StepError {
+    tracing::error!(error = %e, "audit trail read failed");
+    StepError::Unavailable("the audit trail could not be read; retry later".into())
+}
+
+/// Authorize an auditor's read of the trail and record it (allowed reads are audited as well).
+async fn audit_read(
+    svc: &Services,
+    caller: &Caller,
+    action: Action,
+    what: &str,
+    patient: Option<&[u8]>,
+) -> Result<(), StepError> {
+    let target = trail_ref(what);
+    let flagged = caller
+        .authorize(svc, action, None, target.clone(), patient, AUDIT)
+        .await?;
+    let mut ev = rx_guard::access::audit_event(
+        &caller.principal,
+        action,
+        &rx_guard::access::Decision::Allow {
+            via_break_glass: flagged,
+        },
+        target,
+        AUDIT,
+    );
+    ev.source_ip = caller.source_ip.clone();
+    ev.patient = patient.map(hex::encode);
+    svc.vault.audit(&[ev]).await?;
+    Ok(())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditParams {
+    /// The patient's reference (as submitted); matched through its blind index.
+    #[serde(default)]
+    patient: Option<String>,
+    /// The acting user (JWT subject).
+    #[serde(default)]
+    user: Option<String>,
+    #[serde(default)]
+    from: Option<chrono::DateTime<Utc>>,
+    #[serde(default)]
+    to: Option<chrono::DateTime<Utc>>,
+    #[serde(default)]
+    action: Option<rx_guard::audit::Action>,
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+/// `GET /audit/events?patient=&user=&from=&to=&action=&limit=`: a FHIR searchset Bundle of
+/// AuditEvents, oldest first. Without `from`, the last 24 hours.
+async fn audit_events(
+    State(st): State<ServeState>,
+    caller: Caller,
+    FhirQuery(q): FhirQuery<AuditParams>,
+) -> Answer {
+    let svc = &st.app.svc;
+    let named = q.patient.as_deref().filter(|p| !p.trim().is_empty());
+    let patient = named.map(|p| svc.vault.patient_hex(p));
+    let patient_bytes = named.map(|p| svc.vault.blind(domains::PATIENT, p));
+    audit_read(
+        svc,
+        &caller,
+        Action::ReadAuditEvents,
+        "search",
+        patient_bytes.as_deref(),
+    )
+    .await?;
+    let limit = q
+        .limit
+        .unwrap_or(AUDIT_DEFAULT_LIMIT)
+        .clamp(1, AUDIT_MAX_LIMIT);
+    let query =
+        rx_guard::audit::AuditQuery {
+            patient,
+            subject: q.user.filter(|u| !u.trim().is_empty()),
+            action: q.action,
+            from: Some(q.from.unwrap_or_else(|| {
+                Utc::now() - chrono::Duration::hours(AUDIT_DEFAULT_WINDOW_HOURS)
+            })),
+            to: q.to,
+            ..Default::default()
+        };
+    let found = rx_fn_audit::search(svc.vault.store.as_ref(), &query)
+        .await
+        .map_err(audit_failure)?;
+    let tenant = &caller.principal.tenant;
+    let mine = found.iter().filter(|e| &e.event.actor.tenant == tenant);
+    let total = mine.clone().count();
+    let entries: Vec<Value> = mine
+        .take(limit)
+        .map(|e| {
+            json!({
+                "fullUrl": format!("urn:uuid:{}", e.event.id),
+                "resource": rx_guard::audit::fhir::to_fhir(&e.event, e.seq),
+                "search": {"mode": "match"},
+            })
+        })
+        .collect();
+    Ok(rxhttp::fhir(
+        StatusCode::OK,
+        &json!({"resourceType": "Bundle", "type": "searchset", "total": total, "entry": entries}),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DisclosureParams {
+    patient: String,
+}
+
+/// `GET /audit/disclosures?patient=`: the accounting of disclosures of one patient (45 CFR
+/// 164.528), oldest first. The patient is named in the answer by blind index only.
+async fn audit_disclosures(
+    State(st): State<ServeState>,
+    caller: Caller,
+    FhirQuery(q): FhirQuery<DisclosureParams>,
+) -> Answer {
+    let svc = &st.app.svc;
+    if q.patient.trim().is_empty() {
+        return Err(StepError::Invalid {
+            code: "required",
+            message: "name the patient: /audit/disclosures?patient=<patient reference>".into(),
+            expression: Some("patient".into()),
+        });
+    }
+    let patient = svc.vault.patient_hex(&q.patient);
+    let blind = Some(svc.vault.blind(domains::PATIENT, &q.patient));
+    audit_read(
+        svc,
+        &caller,
+        Action::ReadDisclosures,
+        "disclosures",
+        blind.as_deref(),
+    )
+    .await?;
+    let store = svc.vault.store.as_ref();
+    let all = rx_fn_audit::disclosures(store, &patient)
+        .await
+        .map_err(audit_failure)?;
+    // Disclosures carry no tenant: keep those whose event an actor of this tenant wrote.
+    let ours: std::collections::HashSet<String> = rx_fn_audit::search(
+        store,
+        &rx_guard::audit::AuditQuery {
+            patient: Some(patient.clone()),
+            action: Some(rx_guard::audit::Action::Disclose),
+            ..Default::default()
+        },
+    )
+    .await
+    .map_err(audit_failure)?
+    .into_iter()
+    .filter(|e| e.event.actor.tenant == caller.principal.tenant)
+    .map(|e| e.event.id)
+    .collect();
+    let list: Vec<_> = all
+        .into_iter()
+        .filter(|d| ours.contains(&d.event_id))
+        .collect();
+    Ok(rxhttp::fhir(
+        StatusCode::OK,
+        &json!({"patient": patient, "count": list.len(), "disclosures": list}),
+    ))
+}
+
+/// `GET /audit/break-glass`: every break-glass session of this tenant with what it touched.
+async fn audit_break_glass(State(st): State<ServeState>, caller: Caller) -> Answer {
+    let svc = &st.app.svc;
+    audit_read(
+        svc,
+        &caller,
+        Action::ReadAuditEvents,
+        "break-glass-sessions",
+        None,
+    )
+    .await?;
+    let sessions: Vec<_> = rx_fn_audit::break_glass_sessions(svc.vault.store.as_ref())
+        .await
+        .map_err(audit_failure)?
+        .into_iter()
+        .filter(|s| s.tenant == caller.principal.tenant)
+        .collect();
+    Ok(rxhttp::fhir(
+        StatusCode::OK,
+        &json!({"count": sessions.len(), "sessions": sessions}),
+    ))
+}
+
+/// `GET /audit/export`: the tenant's events as FHIR R4 AuditEvents, one per line
+/// (`application/fhir+ndjson`), streamed page by page (constant memory, whatever the trail's
+/// length). The same conversion as `rx_fn_audit::export_fhir_ndjson`, scoped to the tenant.
+async fn audit_export(State(st): State<ServeState>, caller: Caller) -> Answer {
+    let svc = &st.app.svc;
+    audit_read(svc, &caller, Action::ExportAudit, "export", None).await?;
+    let (tx, rx) = futures::channel::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(2);
+    let store = svc.vault.store.clone();
+    let tenant = caller.principal.tenant.clone();
+    tokio::spawn(export_pages(store, tenant, tx));
+    let mut res = axum::body::Body::from_stream(rx).into_response();
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/fhir+ndjson"),
+    );
+    Ok(res)
+}
+
+async fn export_pages(
+    store: Arc<dyn rx_store::RecordStore>,
+    tenant: String,
+    mut tx: futures::channel::mpsc::Sender<Result<Vec<u8>, std::io::Error>>,
+) {
+    use futures::SinkExt;
+    let mut next = 1u64;
+    loop {
+        let page = match store.audit_range(next, rx_fn_audit::PAGE).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, "audit export stopped: the trail could not be read");
+                let _ = tx
+                    .send(Err(std::io::Error::other("audit trail read failed")))
+                    .await;
+                return;
+            }
+        };
+        let Some(last) = page.last() else { return };
+        next = last.seq.saturating_add(1);
+        let mut chunk = Vec::with_capacity(page.len() * 512);
+        for ev in &page {
+            let event: rx_guard::audit::AuditEvent = match serde_json::from_slice(&ev.body) {
+                Ok(e) => e,
+                Err(_) => {
+                    tracing::error!(
+                        seq = ev.seq,
+                        "audit export stopped: an event does not decode"
+                    );
+                    let _ = tx
+                        .send(Err(std::io::Error::other("unreadable audit event")))
+                        .await;
+                    return;
+                }
+            };
+            if event.actor.tenant != tenant {
+                continue;
+            }
+            let line = rx_guard::audit::fhir::to_fhir(&event, ev.seq);
+            if serde_json::to_writer(&mut chunk, &line).is_err() {
+                return;
+            }
+            chunk.push(b'\n');
+        }
+        // The client went away: stop reading.
+        if tx.send(Ok(chunk)).await.is_err() {
+            return;
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
