@@ -1,0 +1,223 @@
+//! The auditor's endpoints over HTTP: search as FHIR AuditEvents, the NDJSON export, the
+//! accounting of disclosures, the review of break-glass sessions; each scoped to the auditor's
+//! organisation, each read of the trail itself audited, none carrying PHI.
+
+mod http_support;
+
+use http_support::*;
+use rx_guard::access::Role;
+use rx_guard::audit::{Action as AuditAction, AuditQuery};
+use serde_json::{json, Value};
+
+fn auditor(subject: &str) -> Who {
+    Who::new(Role::Auditor, subject)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_by_user_and_action_returns_fhir_audit_events_of_the_tenant_only() {
+    let s = TestServer::start().await;
+    let id = s.queued("pat-audit").await;
+    // A denial to find: a technician may not cancel.
+    let tech = Who::new(Role::Technician, "tech-audited");
+    s.as_who(
+        &tech,
+        "POST",
+        &format!("/prescriptions/{id}/cancel"),
+        Some(&json!({"reason": "no longer needed"})),
+    )
+    .await
+    .assert_outcome(403);
+
+    let a = auditor("auditor-a");
+    let r = s
+        .as_who(
+            &a,
+            "GET",
+            "/audit/events?user=tech-audited&action=deny",
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.json["resourceType"], "Bundle");
+    assert_eq!(r.json["total"], 1, "{}", r.text);
+    assert_eq!(
+        r.json["entry"][0]["resource"]["resourceType"], "AuditEvent",
+        "{}",
+        r.text
+    );
+    assert!(r.text.contains("tech-audited"));
+
+    // By patient (named as submitted; matched by blind index), within a time window.
+    let from = (chrono::Utc::now() - chrono::Duration::hours(1)).to_rfc3339();
+    let path = format!("/audit/events?patient=pat-audit&from={}", urlencode(&from));
+    let r = s.as_who(&a, "GET", &path, None).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert!(r.json["total"].as_u64().unwrap_or(0) >= 3, "{}", r.text);
+
+    // An auditor of another organisation sees none of it.
+    let b = auditor("auditor-b").in_tenant(OTHER_TENANT);
+    let r = s
+        .as_who(&b, "GET", "/audit/events?user=tech-audited", None)
+        .await;
+    assert_eq!(r.json["total"], 0, "{}", r.text);
+    let r = s.as_who(&b, "GET", "/audit/events", None).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    for theirs in ["tech-audited", "dr-pump", "auditor-a"] {
+        assert!(
+            !r.text.contains(theirs),
+            "{theirs} leaked to another tenant: {}",
+            r.text
+        );
+    }
+
+    // Each search is itself in the trail.
+    let reads = s
+        .audit(AuditQuery {
+            subject: Some("auditor-a".into()),
+            ..AuditQuery::default()
+        })
+        .await;
+    assert!(reads.len() >= 2, "{reads:?}");
+    for needle in PHI {
+        assert!(!r.text.contains(needle));
+    }
+    s.stop().await;
+}
+
+fn urlencode(s: &str) -> String {
+    s.replace('+', "%2B").replace(':', "%3A")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_string_that_does_not_fit_is_a_400_operation_outcome() {
+    let s = TestServer::start().await;
+    let a = auditor("auditor-q");
+    s.as_who(&a, "GET", "/audit/events?from=yesterday", None)
+        .await
+        .assert_outcome(400);
+    s.as_who(&a, "GET", "/audit/events?action=peek", None)
+        .await
+        .assert_outcome(400);
+    s.as_who(&a, "GET", "/audit/events?colour=blue", None)
+        .await
+        .assert_outcome(400);
+    s.as_who(&a, "GET", "/audit/disclosures", None)
+        .await
+        .assert_outcome(400);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_streams_the_tenants_events_as_fhir_ndjson() {
+    let s = TestServer::start().await;
+    s.queued("pat-export").await;
+    s.as_who(
+        &Who::pharmacist("rph-b").in_tenant(OTHER_TENANT),
+        "GET",
+        "/queue",
+        None,
+    )
+    .await;
+    let r = s
+        .as_who(&auditor("auditor-x"), "GET", "/audit/export", None)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.header("content-type"), Some("application/fhir+ndjson"));
+    let lines: Vec<Value> = r
+        .text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+        .collect();
+    assert!(lines.len() > 5, "{}", r.text);
+    assert!(lines.iter().all(|l| l["resourceType"] == "AuditEvent"));
+    assert!(
+        !r.text.contains("rph-b"),
+        "another tenant's events are not exported"
+    );
+    for needle in PHI {
+        assert!(!r.text.contains(needle));
+    }
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disclosures_name_the_patient_by_blind_index_only() {
+    let s = TestServer::start().await;
+    s.queued("pat-disc").await;
+    let r = s
+        .as_who(
+            &auditor("auditor-d"),
+            "GET",
+            "/audit/disclosures?patient=pat-disc",
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let blind = r.json["patient"].as_str().expect("patient");
+    assert_eq!(blind.len(), 64, "{}", r.text);
+    assert!(!r.text.contains("pat-disc"), "{}", r.text);
+    assert!(r.json["disclosures"].is_array());
+    let logged = s
+        .audit(AuditQuery {
+            subject: Some("auditor-d".into()),
+            ..AuditQuery::default()
+        })
+        .await;
+    assert!(
+        logged.iter().any(|e| e.patient.as_deref() == Some(blind)),
+        "{logged:?}"
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn break_glass_sessions_are_listed_for_review_with_what_they_touched() {
+    let s = TestServer::start().await;
+    s.queued("pat-review").await;
+    let tech = Who::new(Role::Technician, "tech-review");
+    let r = s
+        .as_who(
+            &tech,
+            "POST",
+            "/break-glass",
+            Some(&json!({"reason": "covering the emergency department tonight"})),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let grant = r.json["id"].as_str().expect("id").to_string();
+    let list = s
+        .as_who(&tech, "GET", "/patients/pat-review/prescriptions", None)
+        .await;
+    assert_eq!(list.status, 200, "{}", list.text);
+
+    let r = s
+        .as_who(&auditor("auditor-bg"), "GET", "/audit/break-glass", None)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let sessions = r.json["sessions"].as_array().expect("sessions");
+    let session = sessions
+        .iter()
+        .find(|x| x["grant_id"] == grant.as_str())
+        .unwrap_or_else(|| panic!("session {grant} listed: {}", r.text));
+    assert_eq!(session["subject"], "tech-review");
+    assert!(
+        !session["touched"].as_array().expect("touched").is_empty(),
+        "{}",
+        r.text
+    );
+    assert!(
+        !r.text.contains("emergency department"),
+        "the reason stays sealed"
+    );
+
+    let alerts = s
+        .audit(AuditQuery {
+            action: Some(AuditAction::BreakGlass),
+            ..AuditQuery::default()
+        })
+        .await;
+    assert!(alerts
+        .iter()
+        .any(|e| e.detail.as_deref() == Some("break-glass-alert")));
+    s.stop().await;
+}
