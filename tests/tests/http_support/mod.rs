@@ -261,6 +261,7 @@ pub struct TestServer {
     pub client: reqwest::Client,
     pub issuer: DevIssuer,
     pub svc: Arc<Services>,
+    data_dir: std::path::PathBuf,
     shutdown: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<Result<(), serve::ServeError>>>,
     _dir: tempfile::TempDir,
@@ -292,10 +293,16 @@ impl TestServer {
                 .expect("client"),
             issuer,
             svc,
+            data_dir: args.data_dir.clone(),
             shutdown: Some(tx),
             handle: Some(handle),
             _dir: dir,
         }
+    }
+
+    /// The server's data directory.
+    pub fn data_dir(&self) -> std::path::PathBuf {
+        self.data_dir.clone()
     }
 
     /// Stop the server (graceful) and wait for it.
