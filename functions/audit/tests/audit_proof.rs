@@ -116,3 +116,50 @@ async fn no_proof_is_built_from_a_tampered_checkpoint_range() {
         Err(AuditError::Inconsistent(_))
     ));
 }
+
+/// The docs are enough: an independent Python verifier (hashlib + cryptography) written from
+/// `docs/audit-trail.md` accepts a real proof with the `.pub` file, and rejects an altered one.
+#[tokio::test]
+async fn an_outside_verifier_checks_a_proof_with_the_public_key_file_alone() {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/verify_proof.py");
+    let ready = std::process::Command::new("python3")
+        .args(["-c", "import cryptography"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ready {
+        eprintln!(
+            "skipped: needs python3 with the cryptography package (pip install cryptography)"
+        );
+        return;
+    }
+    let t = trail(45, 15).await;
+    let pub_file = t.signer.public_key_path().to_path_buf();
+    let run = |proof: &InclusionProof| {
+        let path = t.dir.path().join("proof.json");
+        std::fs::write(&path, serde_json::to_vec_pretty(proof).unwrap()).unwrap();
+        let out = std::process::Command::new("python3")
+            .arg(&script)
+            .arg(&path)
+            .arg(&pub_file)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    for seq in [1, 16, 29, 45] {
+        let proof = proof_for(&t, seq).await;
+        let (code, out) = run(&proof);
+        assert_eq!(code, Some(0), "seq {seq}: {out}");
+    }
+    let mut altered = proof_for(&t, 29).await;
+    altered.body = altered.body.replace("rx-29", "rx-92");
+    assert_eq!(run(&altered).0, Some(1));
+    let mut altered = proof_for(&t, 29).await;
+    altered.checkpoint.signed_at += chrono::Duration::seconds(1);
+    let (code, out) = run(&altered);
+    assert_eq!(code, Some(1));
+    assert!(out.contains("signature"), "{out}");
+}
