@@ -73,6 +73,12 @@ enum Command {
         #[arg(long, default_value_t = 2_000)]
         orders: usize,
     },
+    /// Serve the HTTP API (intake, verification, dispensing, records, audit, break-glass) over
+    /// the same data directory, FHIR JSON in and out.
+    Serve(rxflow::serve::ServeArgs),
+    /// Print a token signed by the data directory's local dev key, trusted by `rxflow serve` on
+    /// the same data directory.
+    Token(rxflow::token::TokenArgs),
     /// The audit trail.
     Audit {
         #[command(subcommand)]
@@ -95,7 +101,7 @@ enum AuditCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
-    let rt = match tokio::runtime::Builder::new_current_thread()
+    let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
@@ -160,6 +166,16 @@ async fn run(command: Command) -> Result<ExitCode, CommandError> {
                 json,
             };
             commands::run(&input, replay, opts).await.map(ended)
+        }
+        Command::Serve(args) => {
+            rxflow::serve::run(args)
+                .await
+                .map_err(|e| CommandError::Usage(e.to_string()))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Token(args) => {
+            rxflow::token::run(args).map_err(|e| CommandError::Usage(e.to_string()))?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Generate { out, seed, orders } => {
             commands::generate(seed, orders, &out)?;
