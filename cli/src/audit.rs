@@ -1,9 +1,70 @@
 //! `rxflow audit …`: the compliance officer's commands over the embedded trail.
+//!
+//! The trail is sealed into signed checkpoints with the data directory's Ed25519 key
+//! (`keys/audit-signing.pk8`); `verify` trusts the public key given with `--public-key` (keep a
+//! copy away from the data directory: whoever can rewrite the data directory can also replace the
+//! key file in it), else the one in `keys/audit-signing.pub`.
 
-use rx_fn_audit::{verify_trail, AuditError, TrailReport};
-use rx_platform::services::Embedded;
+use std::path::Path;
+
+use rx_fn_audit::{AuditError, TrailReport};
+use rx_guard::merkle::{parse_public_key, Checkpoint, LocalSigner};
+use rx_guard::GuardError;
+use rx_platform::services::{DataDir, Embedded};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuditCmdError {
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+    #[error(transparent)]
+    Seal(#[from] rx_fn_seal::SealError),
+    #[error("the audit signing key: {0}")]
+    Key(#[from] GuardError),
+    #[error("cannot read the public key {path}: {source}")]
+    PublicKey {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The data directory's checkpoint signer (created on first use).
+pub fn signer(emb: &Embedded) -> Result<LocalSigner, GuardError> {
+    LocalSigner::open_or_create(&DataDir(&emb.data_dir).audit_signing_key())
+}
+
+/// Seal the events since the last checkpoint; `None` when there were none.
+pub async fn seal(emb: &Embedded) -> Result<Option<Checkpoint>, AuditCmdError> {
+    let signer = signer(emb)?;
+    Ok(rx_fn_seal::seal(emb.store.as_ref(), &signer).await?)
+}
+
+/// The public key `verify` trusts: `--public-key <file>`, else the data directory's.
+pub fn trusted_key(emb: &Embedded, given: Option<&Path>) -> Result<Option<Vec<u8>>, AuditCmdError> {
+    let path = match given {
+        Some(p) => p.to_path_buf(),
+        None => {
+            let p = DataDir(&emb.data_dir)
+                .audit_signing_key()
+                .with_extension("pub");
+            if !p.exists() {
+                return Ok(None);
+            }
+            p
+        }
+    };
+    let text = std::fs::read_to_string(&path).map_err(|source| AuditCmdError::PublicKey {
+        path: path.display().to_string(),
+        source,
+    })?;
+    Ok(Some(parse_public_key(&text)?))
+}
 
 /// Check the whole trail: every event's chain link and every signed checkpoint.
-pub async fn verify(emb: &Embedded) -> Result<TrailReport, AuditError> {
-    verify_trail(emb.store.as_ref(), None).await
+pub async fn verify(
+    emb: &Embedded,
+    public_key: Option<&Path>,
+) -> Result<TrailReport, AuditCmdError> {
+    let key = trusted_key(emb, public_key)?;
+    Ok(rx_fn_audit::verify_trail(emb.store.as_ref(), key.as_deref()).await?)
 }

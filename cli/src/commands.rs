@@ -29,7 +29,7 @@ pub enum CommandError {
     #[error("writing the report: {0}")]
     Output(#[from] std::io::Error),
     #[error(transparent)]
-    Audit(#[from] rx_fn_audit::AuditError),
+    Audit(#[from] crate::audit::AuditCmdError),
 }
 
 /// How a command ended, for the exit code.
@@ -272,7 +272,9 @@ async fn finish(
 ) -> Result<Ended, CommandError> {
     p.flush()?;
     report.finish(started.elapsed(), p.services().vault.sealer.stats());
-    let check = crate::audit::verify(&p.emb).await?;
+    // Seal what the run wrote into a signed checkpoint, then check the whole trail.
+    crate::audit::seal(&p.emb).await?;
+    let check = crate::audit::verify(&p.emb, None).await?;
     report.audit_events = check.events;
     report.audit_verified = check.ok;
     report.audit_problem = check.first_break.map(|b| b.sentence);
@@ -299,17 +301,16 @@ pub fn config_for(data_dir: Option<PathBuf>) -> Result<Config, CommandError> {
     Ok(c)
 }
 
-/// `rxflow audit verify`.
-pub async fn audit_verify(config: &Config) -> Result<rx_fn_audit::TrailReport, CommandError> {
+/// Open an existing data directory (the audit commands never create one).
+pub fn open_existing(config: &Config) -> Result<rx_platform::services::Embedded, CommandError> {
     if !config.data_dir.exists() {
         return Err(CommandError::Usage(format!(
             "no data directory at {}; run `rxflow demo` or `rxflow run` first, or pass --data-dir",
             config.data_dir.display()
         )));
     }
-    let emb = rx_platform::services::Embedded::open(
+    Ok(rx_platform::services::Embedded::open(
         config,
         std::sync::Arc::new(rx_platform::SystemClock),
-    )?;
-    Ok(crate::audit::verify(&emb).await?)
+    )?)
 }

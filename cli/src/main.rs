@@ -88,13 +88,75 @@ enum Command {
 
 #[derive(Subcommand)]
 enum AuditCommand {
-    /// Check every event and checkpoint; exit 0 when intact, 1 with the first break otherwise.
+    /// Check every event, every checkpoint's Merkle root, signature and chain; exit 0 when
+    /// intact, 1 with the first break otherwise.
     Verify {
         #[command(flatten)]
         data: DataDirArg,
+        /// The checkpoint signing public key to trust (PEM or hex). Default: the data
+        /// directory's keys/audit-signing.pub; keep a copy elsewhere to detect a replaced key.
+        #[arg(long)]
+        public_key: Option<PathBuf>,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Seal the events since the last checkpoint into a new signed checkpoint.
+    Seal {
+        #[command(flatten)]
+        data: DataDirArg,
+    },
+    /// Print the inclusion proof of one event (JSON), checkable with the public key alone.
+    Prove {
+        /// The audit event id.
+        event_id: String,
+        #[command(flatten)]
+        data: DataDirArg,
+    },
+    /// Check an inclusion proof (from `rxflow audit prove`) against a public key.
+    CheckProof {
+        /// The proof file (JSON).
+        #[arg(long)]
+        proof: PathBuf,
+        /// The signing public key (PEM or hex), e.g. keys/audit-signing.pub.
+        #[arg(long)]
+        public_key: PathBuf,
+    },
+    /// Search events (one JSON object a line): by patient, user, action, time range.
+    Events {
+        #[command(flatten)]
+        data: DataDirArg,
+        /// The patient's id as the orders reference it (matched through its blind index).
+        #[arg(long)]
+        patient: Option<String>,
+        /// The acting user (JWT subject).
+        #[arg(long)]
+        user: Option<String>,
+        /// create, read, update, decrypt, disclose, deny, break-glass, quarantine.
+        #[arg(long)]
+        action: Option<String>,
+        /// From this time (RFC 3339).
+        #[arg(long)]
+        from: Option<chrono::DateTime<chrono::Utc>>,
+        /// Up to this time (RFC 3339).
+        #[arg(long)]
+        to: Option<chrono::DateTime<chrono::Utc>>,
+        /// At most this many events (0: all).
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
+    /// Export every event as FHIR R4 AuditEvent NDJSON.
+    Export {
+        #[command(flatten)]
+        data: DataDirArg,
+        /// File to write (default: standard output).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// List break-glass sessions and what each touched.
+    BreakGlass {
+        #[command(flatten)]
+        data: DataDirArg,
     },
 }
 
@@ -181,20 +243,36 @@ async fn run(command: Command) -> Result<ExitCode, CommandError> {
             commands::generate(seed, orders, &out)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Audit {
-            command: AuditCommand::Verify { data, json },
+        Command::Audit { command } => audit(command).await,
+    }
+}
+
+async fn audit(command: AuditCommand) -> Result<ExitCode, CommandError> {
+    use rxflow::audit as a;
+    let open = |data: DataDirArg| -> Result<_, CommandError> {
+        commands::open_existing(&commands::config_for(data.data_dir)?)
+    };
+    let json_line = |v: &dyn erased::Json| -> Result<(), CommandError> {
+        println!("{}", v.json()?);
+        Ok(())
+    };
+    match command {
+        AuditCommand::Verify {
+            data,
+            public_key,
+            json,
         } => {
-            let config = commands::config_for(data.data_dir)?;
-            let report = commands::audit_verify(&config).await?;
+            let emb = open(data)?;
+            let report = a::verify(&emb, public_key.as_deref()).await?;
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string(&report).map_err(std::io::Error::other)?
-                );
+                json_line(&report)?;
             } else if report.ok {
                 println!(
-                    "audit trail intact: {} events, {} checkpoints ({} events sealed)",
-                    report.events, report.checkpoints, report.events_sealed
+                    "audit trail intact: {} events, {} checkpoints ({} events sealed), signatures {}",
+                    report.events,
+                    report.checkpoints,
+                    report.events_sealed,
+                    if report.signatures_checked { "verified" } else { "not checked (no public key)" }
                 );
             } else if let Some(b) = &report.first_break {
                 println!("audit trail BROKEN: {}", b.sentence);
@@ -204,6 +282,144 @@ async fn run(command: Command) -> Result<ExitCode, CommandError> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        AuditCommand::Seal { data } => {
+            let emb = open(data)?;
+            match a::seal(&emb).await? {
+                Some(cp) => println!(
+                    "checkpoint {} sealed: events {}..{} ({} events), root {}",
+                    cp.number,
+                    cp.first_seq,
+                    cp.last_seq,
+                    cp.tree_size,
+                    hex_of(&cp.root)
+                ),
+                None => println!("nothing to seal: every event is in a checkpoint"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        AuditCommand::Prove { event_id, data } => {
+            let emb = open(data)?;
+            a::seal(&emb).await?;
+            let proof = rx_fn_audit::prove(emb.store.as_ref(), &event_id)
+                .await
+                .map_err(a::AuditCmdError::from)?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&proof).map_err(std::io::Error::other)?
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        AuditCommand::CheckProof { proof, public_key } => {
+            let read = |p: &PathBuf| {
+                std::fs::read_to_string(p)
+                    .map_err(|e| CommandError::Usage(format!("cannot read {}: {e}", p.display())))
+            };
+            let proof: rx_fn_audit::InclusionProof = serde_json::from_str(&read(&proof)?)
+                .map_err(|e| CommandError::Usage(format!("the proof file is not a proof: {e}")))?;
+            let key = rx_guard::merkle::parse_public_key(&read(&public_key)?)
+                .map_err(|e| CommandError::Usage(e.to_string()))?;
+            match rx_fn_audit::verify_proof(&proof, &key) {
+                Ok(()) => {
+                    println!(
+                        "proof valid: event {} (seq {}) is in checkpoint {}, signed by {}",
+                        proof.event_id, proof.seq, proof.checkpoint.number, proof.checkpoint.key_id
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    println!("proof INVALID: {e}");
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+        AuditCommand::Events {
+            data,
+            patient,
+            user,
+            action,
+            from,
+            to,
+            limit,
+        } => {
+            let emb = open(data)?;
+            let action = match action.as_deref() {
+                None => None,
+                Some(s) => Some(
+                    serde_json::from_value::<rx_guard::audit::Action>(serde_json::Value::String(
+                        s.to_string(),
+                    ))
+                    .map_err(|_| {
+                        CommandError::Usage(format!(
+                            "unknown action '{s}': use create, read, update, decrypt, disclose, deny, break-glass or quarantine"
+                        ))
+                    })?,
+                ),
+            };
+            let query = rx_guard::audit::AuditQuery {
+                patient: patient.map(|p| emb.services.vault.patient_hex(&p)),
+                subject: user,
+                action,
+                from,
+                to,
+                limit,
+                ..Default::default()
+            };
+            for e in rx_fn_audit::search(emb.store.as_ref(), &query)
+                .await
+                .map_err(a::AuditCmdError::from)?
+            {
+                json_line(&e)?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        AuditCommand::Export { data, out } => {
+            let emb = open(data)?;
+            let n = match out {
+                Some(path) => {
+                    let mut f = std::io::BufWriter::new(std::fs::File::create(&path)?);
+                    rx_fn_audit::export_fhir_ndjson(emb.store.as_ref(), &mut f)
+                        .await
+                        .map_err(a::AuditCmdError::from)?
+                }
+                None => {
+                    let mut f = std::io::BufWriter::new(std::io::stdout());
+                    rx_fn_audit::export_fhir_ndjson(emb.store.as_ref(), &mut f)
+                        .await
+                        .map_err(a::AuditCmdError::from)?
+                }
+            };
+            eprintln!("exported {n} FHIR AuditEvents");
+            Ok(ExitCode::SUCCESS)
+        }
+        AuditCommand::BreakGlass { data } => {
+            let emb = open(data)?;
+            let sessions = rx_fn_audit::break_glass_sessions(emb.store.as_ref())
+                .await
+                .map_err(a::AuditCmdError::from)?;
+            if sessions.is_empty() {
+                eprintln!("no break-glass sessions");
+            }
+            for s in &sessions {
+                json_line(s)?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn hex_of(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+mod erased {
+    /// Anything printed as one JSON line.
+    pub trait Json {
+        fn json(&self) -> Result<String, std::io::Error>;
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn json(&self) -> Result<String, std::io::Error> {
+            serde_json::to_string(self).map_err(std::io::Error::other)
         }
     }
 }
