@@ -35,6 +35,9 @@ pub enum AuditError {
     /// An inclusion proof does not verify.
     #[error("the inclusion proof does not verify: {0}")]
     ProofInvalid(String),
+    /// The runtime shut down while the trail was being checked.
+    #[error("the check was interrupted (the process is shutting down); run it again")]
+    Interrupted,
     /// Writing an export failed.
     #[error("writing the export failed: {0}; check the destination has space and is writable")]
     Write(#[from] std::io::Error),

@@ -7,7 +7,7 @@ use rx_guard::merkle::{checkpoint_hash, Checkpoint, TreeBuilder};
 use rx_store::{CheckpointRow, RecordStore};
 use serde::{Deserialize, Serialize};
 
-use crate::Result;
+use crate::{AuditError, Result};
 
 /// Events read per page while walking the trail.
 pub const PAGE: usize = 4096;
@@ -124,37 +124,85 @@ pub async fn verify_trail(
         first_break: None,
         ok: false,
     };
-    let mut chain = Verifier::new();
-    let mut sealing = Sealing::new(&rows, trusted_public_key);
-    let found = walk(store, &mut chain, &mut sealing).await?;
-    report.events = chain.len();
-    report.events_sealed = sealing.sealed;
+    let walker = Walker {
+        chain: Verifier::new(),
+        sealing: Sealing::new(rows, trusted_public_key.map(<[u8]>::to_vec)),
+    };
+    let (walker, found) = walk(store, walker).await?;
+    report.events = walker.chain.len();
+    report.events_sealed = walker.sealing.sealed;
     report.ok = found.is_none();
     report.first_break = found;
     Ok(report)
 }
 
-/// The walk itself: `Ok(Some(break))` at the first break.
-async fn walk(
-    store: &dyn RecordStore,
-    chain: &mut Verifier,
-    sealing: &mut Sealing<'_>,
-) -> Result<Option<Break>> {
-    let mut next = 1u64;
-    loop {
-        let page = store.audit_range(next, PAGE).await?;
-        let Some(last) = page.last() else { break };
-        next = last.seq.saturating_add(1);
-        for ev in &page {
-            if let Err(b) = chain.push(ev) {
-                return Ok(Some(Break::from_chain(&b)));
+/// The checking state, moved to a blocking thread for each page so the store reads the next
+/// page while this one is hashed.
+struct Walker {
+    chain: Verifier,
+    sealing: Sealing,
+}
+
+impl Walker {
+    fn page(&mut self, page: &[ChainedEvent]) -> Option<Break> {
+        for ev in page {
+            if let Err(b) = self.chain.push(ev) {
+                return Some(Break::from_chain(&b));
             }
-            if let Err(b) = sealing.push(ev) {
-                return Ok(Some(b));
+            if let Err(b) = self.sealing.push(ev) {
+                return Some(b);
             }
         }
+        None
     }
-    Ok(sealing.finish(chain.len()).err())
+}
+
+/// Where the walker is: here, or hashing a page on a blocking thread.
+enum Slot {
+    Here(Walker),
+    Away(tokio::task::JoinHandle<(Walker, Option<Break>)>),
+}
+
+/// The walk itself: `Ok(Some(break))` at the first break. Under a Tokio runtime, reading page
+/// k + 1 overlaps hashing page k; elsewhere the pages are checked inline.
+async fn walk(store: &dyn RecordStore, walker: Walker) -> Result<(Walker, Option<Break>)> {
+    let runtime = tokio::runtime::Handle::try_current().ok();
+    let mut slot = Slot::Here(walker);
+    let mut next = 1u64;
+    let mut w = loop {
+        let page = store.audit_range(next, PAGE).await;
+        let mut w = match slot {
+            Slot::Here(w) => w,
+            Slot::Away(task) => {
+                let (w, found) = task.await.map_err(|e| {
+                    if e.is_panic() {
+                        std::panic::resume_unwind(e.into_panic());
+                    }
+                    AuditError::Interrupted
+                })?;
+                if found.is_some() {
+                    return Ok((w, found));
+                }
+                w
+            }
+        };
+        let page = page?;
+        let Some(last) = page.last() else { break w };
+        next = last.seq.saturating_add(1);
+        slot = match &runtime {
+            Some(rt) => Slot::Away(rt.spawn_blocking(move || {
+                let found = w.page(&page);
+                (w, found)
+            })),
+            None => match w.page(&page) {
+                Some(found) => return Ok((w, Some(found))),
+                None => Slot::Here(w),
+            },
+        };
+    };
+    let len = w.chain.len();
+    let found = w.sealing.finish(len).err();
+    Ok((w, found))
 }
 
 /// The checkpoint being recomputed while the events stream past.
@@ -164,9 +212,9 @@ struct Open {
 }
 
 /// Checks the checkpoints in order against the event stream.
-struct Sealing<'a> {
-    rows: &'a [CheckpointRow],
-    key: Option<&'a [u8]>,
+struct Sealing {
+    rows: Vec<CheckpointRow>,
+    key: Option<Vec<u8>>,
     /// Index of the next checkpoint to open.
     next: usize,
     open: Option<Open>,
@@ -174,8 +222,8 @@ struct Sealing<'a> {
     sealed: u64,
 }
 
-impl<'a> Sealing<'a> {
-    fn new(rows: &'a [CheckpointRow], key: Option<&'a [u8]>) -> Self {
+impl Sealing {
+    fn new(rows: Vec<CheckpointRow>, key: Option<Vec<u8>>) -> Self {
         Sealing {
             rows,
             key,
@@ -196,7 +244,7 @@ impl<'a> Sealing<'a> {
                 format!("checkpoint {n}: {e}"),
             )
         })?;
-        if let Some(key) = self.key {
+        if let Some(key) = self.key.as_deref() {
             cp.verify_signature(key)
                 .map_err(|e| Break::checkpoint(n, BreakKind::CheckpointSignature, e.to_string()))?;
         }

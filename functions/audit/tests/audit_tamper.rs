@@ -302,3 +302,37 @@ async fn checkpoints_resigned_with_another_key_fail_against_the_trusted_key() {
     let unchecked = verify_trail(&t.reopen(), None).await.unwrap();
     assert!(unchecked.ok && !unchecked.signatures_checked);
 }
+
+#[test]
+fn verification_also_runs_outside_a_tokio_runtime() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let t = rt.block_on(trail(9000, 5000));
+    drop(rt);
+    let r = block_on(verify_trail(&t.store, Some(&t.key()))).unwrap();
+    assert!(r.ok && r.events == 9000 && r.events_sealed == 5000, "{r:?}");
+    let db = attacker(&t.db());
+    let edited = String::from_utf8(body(&db, 4500))
+        .unwrap()
+        .replace("rx-4500", "rx-5400");
+    set_body(&db, 4500, edited.as_bytes());
+    rechain(&db);
+    let r = block_on(verify_trail(&t.reopen(), Some(&t.key()))).unwrap();
+    assert_eq!(kind(&r), BreakKind::CheckpointRoot);
+}
+
+#[tokio::test]
+async fn a_break_in_a_later_page_is_found_and_named() {
+    // More events than a page, so the break is found while the next page is being read.
+    let n = rx_fn_audit::PAGE as u64 * 3;
+    let t = trail(n, n).await;
+    let db = attacker(&t.db());
+    let seq = rx_fn_audit::PAGE as i64 * 2 + 7;
+    let edited = String::from_utf8(body(&db, seq))
+        .unwrap()
+        .replace(&format!("rx-{seq}\""), "rx-x\"");
+    set_body(&db, seq, edited.as_bytes());
+    let r = verify(&t).await;
+    assert_eq!(kind(&r), BreakKind::EventAltered);
+    assert_eq!(r.first_break.unwrap().seq, Some(seq as u64));
+    assert_eq!(r.events, seq as u64 - 1);
+}

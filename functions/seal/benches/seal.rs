@@ -12,6 +12,7 @@ use rx_fn_seal::seal;
 use rx_guard::audit::{Action, Actor, AuditEvent, AuditSink, Purpose, ResourceRef};
 use rx_guard::merkle::{CheckpointSigner, LocalSigner};
 use rx_store::sqlite::SqliteStore;
+use rx_store::RecordStore;
 
 fn events() -> u64 {
     std::env::var("RXFLOW_BENCH_EVENTS")
@@ -82,6 +83,7 @@ fn bench(c: &mut Criterion) {
         .expect("drop trigger");
     let seal_times = RefCell::new(Vec::new());
     let verify_times = RefCell::new(Vec::new());
+    let read_times = RefCell::new(Vec::new());
 
     let mut group = c.benchmark_group("audit");
     group
@@ -124,6 +126,30 @@ fn bench(c: &mut Criterion) {
             total
         })
     });
+    // The floor: paging through the trail without hashing anything.
+    group.bench_function(format!("read {n} events (store floor)"), |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let t = Instant::now();
+                let mut next = 1;
+                let mut bytes = 0usize;
+                loop {
+                    let page = rt
+                        .block_on(store.audit_range(next, rx_fn_audit::PAGE))
+                        .expect("read");
+                    let Some(last) = page.last() else { break };
+                    next = last.seq + 1;
+                    bytes += page.iter().map(|e| e.body.len()).sum::<usize>();
+                }
+                let took = t.elapsed();
+                assert!(bytes > 0);
+                read_times.borrow_mut().push(took);
+                total += took;
+            }
+            total
+        })
+    });
     group.finish();
 
     let summary = |name: &str, times: &[Duration]| {
@@ -146,6 +172,7 @@ fn bench(c: &mut Criterion) {
     };
     summary("seal", &seal_times.borrow());
     summary("verify", &verify_times.borrow());
+    summary("read only", &read_times.borrow());
 }
 
 criterion_group!(benches, bench);

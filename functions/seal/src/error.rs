@@ -19,6 +19,9 @@ pub enum SealError {
         "refusing to seal: {0}; run `rxflow audit verify` and investigate the trail before sealing"
     )]
     ChainBroken(String),
+    /// The runtime shut down while sealing.
+    #[error("sealing was interrupted (the process is shutting down); seal again")]
+    Interrupted,
     /// The last checkpoint cannot be read, so the next one cannot chain to it.
     #[error(
         "refusing to seal: checkpoint {number} is not readable ({reason}); run `rxflow audit \

@@ -11,8 +11,9 @@ pub use error::{Result, SealError};
 
 use chrono::{SubsecRound, Utc};
 use rx_guard::audit::chain::{self, GENESIS};
+use rx_guard::audit::ChainedEvent;
 use rx_guard::merkle::{
-    checkpoint_hash, Checkpoint, CheckpointSigner, TreeBuilder, CHECKPOINT_VERSION,
+    checkpoint_hash, Checkpoint, CheckpointSigner, Hash, TreeBuilder, CHECKPOINT_VERSION,
 };
 use rx_store::{CheckpointRow, RecordStore};
 
@@ -26,7 +27,7 @@ pub async fn seal(
     signer: &dyn CheckpointSigner,
 ) -> Result<Option<Checkpoint>> {
     let rows = store.checkpoints().await?;
-    let (number, first_seq, prev_checkpoint_hash, mut head) = match rows.last() {
+    let (number, first_seq, prev_checkpoint_hash, head) = match rows.last() {
         None => (1, 1, [0u8; 32], GENESIS),
         Some(row) => {
             let last =
@@ -51,32 +52,12 @@ pub async fn seal(
         }
     };
 
-    let mut tree = TreeBuilder::new();
-    let mut next = first_seq;
-    loop {
-        let page = store.audit_range(next, PAGE).await?;
-        if page.is_empty() {
-            break;
-        }
-        for ev in &page {
-            if ev.seq != next {
-                return Err(SealError::ChainBroken(format!(
-                    "audit sequence jumps from {} to {}",
-                    next - 1,
-                    ev.seq
-                )));
-            }
-            if ev.prev_hash != head || chain::link(&ev.prev_hash, &ev.body) != ev.hash {
-                return Err(SealError::ChainBroken(format!(
-                    "audit event {} does not chain from the event before it",
-                    ev.seq
-                )));
-            }
-            tree.push_event(&ev.hash);
-            head = ev.hash;
-            next += 1;
-        }
-    }
+    let run = Run {
+        tree: TreeBuilder::new(),
+        head,
+        next: first_seq,
+    };
+    let Run { tree, head, next } = read_and_hash(store, run).await?;
     if tree.size() == 0 {
         let len = store.audit_len().await?;
         if len + 1 < first_seq {
@@ -124,4 +105,81 @@ pub async fn seal(
         "audit checkpoint sealed"
     );
     Ok(Some(cp))
+}
+
+/// The tree being built, the chain head and the next expected seq.
+struct Run {
+    tree: TreeBuilder,
+    head: Hash,
+    next: u64,
+}
+
+impl Run {
+    /// Checks a page chains on from the events before it and adds its leaves.
+    fn page(&mut self, page: &[ChainedEvent]) -> Result<()> {
+        for ev in page {
+            if ev.seq != self.next {
+                return Err(SealError::ChainBroken(format!(
+                    "audit sequence jumps from {} to {}",
+                    self.next - 1,
+                    ev.seq
+                )));
+            }
+            if ev.prev_hash != self.head || chain::link(&ev.prev_hash, &ev.body) != ev.hash {
+                return Err(SealError::ChainBroken(format!(
+                    "audit event {} does not chain from the event before it",
+                    ev.seq
+                )));
+            }
+            self.tree.push_event(&ev.hash);
+            self.head = ev.hash;
+            self.next += 1;
+        }
+        Ok(())
+    }
+}
+
+/// Where the run is: here, or hashing a page on a blocking thread.
+enum Slot {
+    Here(Run),
+    Away(tokio::task::JoinHandle<(Run, Result<()>)>),
+}
+
+/// Pages through the events from `run.next` to the end. Under a Tokio runtime each page is
+/// hashed on a blocking thread while the store reads the next one; elsewhere inline.
+async fn read_and_hash(store: &dyn RecordStore, run: Run) -> Result<Run> {
+    let runtime = tokio::runtime::Handle::try_current().ok();
+    let mut read_from = run.next;
+    let mut slot = Slot::Here(run);
+    loop {
+        let page = store.audit_range(read_from, PAGE).await;
+        let mut run = match slot {
+            Slot::Here(run) => run,
+            Slot::Away(task) => {
+                let (run, checked) = task.await.map_err(|e| {
+                    if e.is_panic() {
+                        std::panic::resume_unwind(e.into_panic());
+                    }
+                    SealError::Interrupted
+                })?;
+                checked?;
+                run
+            }
+        };
+        let page = page?;
+        let Some(last) = page.last() else {
+            return Ok(run);
+        };
+        read_from = last.seq.saturating_add(1);
+        slot = match &runtime {
+            Some(rt) => Slot::Away(rt.spawn_blocking(move || {
+                let checked = run.page(&page);
+                (run, checked)
+            })),
+            None => {
+                run.page(&page)?;
+                Slot::Here(run)
+            }
+        };
+    }
 }

@@ -170,3 +170,25 @@ async fn sealing_refuses_a_trail_cut_below_its_last_checkpoint() {
         Err(SealError::ChainBroken(_))
     ));
 }
+
+#[test]
+fn sealing_also_runs_outside_a_tokio_runtime() {
+    use std::future::Future;
+    use std::sync::Arc;
+    use std::task::{Context, Poll, Wake};
+    struct Noop;
+    impl Wake for Noop {
+        fn wake(self: Arc<Self>) {}
+    }
+    let waker = Arc::new(Noop).into();
+    let mut cx = Context::from_waker(&waker);
+    let s = setup();
+    let events: Vec<_> = (1..=20_000).map(event).collect();
+    let mut append = std::pin::pin!(s.store.append(&events));
+    assert!(matches!(append.as_mut().poll(&mut cx), Poll::Ready(Ok(()))));
+    let mut sealing = std::pin::pin!(seal(&s.store, &s.signer));
+    let Poll::Ready(Ok(Some(cp))) = sealing.as_mut().poll(&mut cx) else {
+        panic!("sealing on a ready store completes at once with a checkpoint");
+    };
+    assert_eq!(cp.tree_size, 20_000);
+}

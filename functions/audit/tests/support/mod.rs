@@ -145,3 +145,23 @@ pub fn set_body(conn: &rusqlite::Connection, seq: i64, body: &[u8]) {
 pub async fn events_len(store: &SqliteStore) -> u64 {
     store.audit_len().await.unwrap()
 }
+
+/// Polls a future to completion on this thread, with no Tokio runtime around (the SQLite store's
+/// futures are ready at once).
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    use std::sync::Arc;
+    use std::task::{Context, Poll, Wake};
+    struct Noop;
+    impl Wake for Noop {
+        fn wake(self: Arc<Self>) {}
+    }
+    let waker = Arc::new(Noop).into();
+    let mut cx = Context::from_waker(&waker);
+    let mut f = std::pin::pin!(f);
+    loop {
+        if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+        std::thread::yield_now();
+    }
+}
