@@ -12,7 +12,9 @@
 # Targets: p99 <= 10 ms at 1,000 requests/s; peak RSS <= 64 MB.
 #
 # Knobs (environment): RATE (1000), DURATION (30), CONNS (16), THREADS (2), PORT (18080),
-# RUST_LOG (info; the server's logs go to a file in the temp dir), KEEP=1 keeps the temp dir.
+# RUST_LOG (info; the server's logs go to a file in the temp dir), KEEP=1 keeps the temp dir,
+# SKIP_BUILD=1 uses the release binary already built, TMPDIR picks where the data dir lives
+# (TMPDIR=/dev/shm takes the disk's fsync out of the figures).
 set -euo pipefail
 
 RATE=${RATE:-1000}
@@ -32,8 +34,12 @@ if ! command -v wrk >/dev/null 2>&1; then
     $SUDO apt-get install -y wrk >/dev/null || { $SUDO apt-get update >/dev/null && $SUDO apt-get install -y wrk >/dev/null; }
 fi
 
-echo "building rxflow (release)..." >&2
-(cd "$ROOT" && cargo build --release -p rxflow --quiet)
+if [ "${SKIP_BUILD:-0}" = 1 ] && [ -x "$BIN" ]; then
+    echo "using the existing $BIN" >&2
+else
+    echo "building rxflow (release)..." >&2
+    (cd "$ROOT" && cargo build --release -p rxflow --quiet)
+fi
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/rxflow-load.XXXXXX")
 DATA="$WORK/data"

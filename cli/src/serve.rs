@@ -467,7 +467,14 @@ async fn open_break_glass(
     caller: Caller,
     FhirJson(req): FhirJson<BreakGlassRequest>,
 ) -> Answer {
-    let grant = break_glass::open(&st.app.svc, &caller.principal, caller.source_ip, &req).await?;
+    let grant = break_glass::open(
+        &st.app.svc,
+        &st.app.grants,
+        &caller.principal,
+        caller.source_ip,
+        &req,
+    )
+    .await?;
     Ok(rxhttp::fhir(StatusCode::CREATED, &Opened::from(&grant)).into_response())
 }
 

@@ -21,6 +21,18 @@
 //! may name a patient). The row's status is the grant's window as an ISO 8601 interval,
 //! `<granted_at>/<expires_at>`, so the look-up made on every request opens no sealed body and
 //! writes no read event; the attached grant carries an empty reason for that reason.
+//!
+//! # The look-up cache
+//! That look-up runs on every authenticated request, so its answer is kept per (tenant,
+//! subject) for [`LOOKUP_TTL`]. It can only be stale in the safe direction: a grant is never
+//! extended or widened, its end is absolute (checked against the clock at each decision), and
+//! [`open`] drops the entry of the subject it opens a grant for; only a grant stored another way
+//! (another process on the same store, [`record`] called directly) is seen up to [`LOOKUP_TTL`]
+//! late. The cache ([`GrantCache`]) belongs to one server's state, never to the process.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Instant;
 
 use chrono::{DateTime, Duration, Utc};
 use rx_guard::access::{
@@ -77,6 +89,54 @@ impl From<&BreakGlassGrant> for Opened {
     }
 }
 
+/// How long a look-up's answer is reused (see the module docs).
+pub const LOOKUP_TTL: std::time::Duration = std::time::Duration::from_secs(2);
+/// Entries kept at most; past it the cache starts over (it is only a cache).
+const LOOKUP_MAX: usize = 10_000;
+
+type Key = (String, String);
+
+/// The per-server cache of [`latest_grant`] answers (see the module docs).
+#[derive(Default)]
+pub struct GrantCache {
+    map: Mutex<HashMap<Key, (Instant, Option<BreakGlassGrant>)>>,
+}
+
+impl GrantCache {
+    /// The grant to attach to `p` ([`latest_grant`]), from the cache when fresh.
+    pub async fn latest(
+        &self,
+        svc: &Services,
+        p: &Principal,
+    ) -> Result<Option<BreakGlassGrant>, StepError> {
+        let key = (p.tenant.clone(), p.subject.clone());
+        if let Some(hit) = self.cached(&key) {
+            return Ok(hit);
+        }
+        let found = latest_grant(svc, p).await?;
+        if let Ok(mut map) = self.map.lock() {
+            if map.len() >= LOOKUP_MAX {
+                map.clear();
+            }
+            map.insert(key, (Instant::now(), found.clone()));
+        }
+        Ok(found)
+    }
+
+    fn cached(&self, key: &Key) -> Option<Option<BreakGlassGrant>> {
+        let map = self.map.lock().ok()?;
+        let (at, grant) = map.get(key)?;
+        (at.elapsed() < LOOKUP_TTL).then(|| grant.clone())
+    }
+
+    /// Drop what is known of `subject` in `tenant` (a grant was just stored for them).
+    pub fn forget(&self, tenant: &str, subject: &str) {
+        if let Ok(mut map) = self.map.lock() {
+            map.remove(&(tenant.to_string(), subject.to_string()));
+        }
+    }
+}
+
 /// Serializes check-then-insert so two concurrent requests of one caller cannot both open a
 /// grant (the embedded server is one process; a multi-instance store would need a conditional
 /// write on a per-subject slot instead).
@@ -117,6 +177,7 @@ async fn refuse(
 /// audited; the grant, its audit event and its alert are committed together.
 pub async fn open(
     svc: &Services,
+    grants: &GrantCache,
     p: &Principal,
     source_ip: Option<String>,
     req: &BreakGlassRequest,
@@ -190,7 +251,9 @@ pub async fn open(
         }
     }
     let grant = grant_break_glass(&asking, reason, now, Some(Duration::minutes(minutes)))?;
-    record(svc, &asking, source_ip, &grant).await?;
+    let recorded = record(svc, &asking, source_ip, &grant).await;
+    grants.forget(&asking.tenant, &asking.subject);
+    recorded?;
     Ok(grant)
 }
 

@@ -80,11 +80,13 @@ impl Default for Limits {
     }
 }
 
-/// What handlers run over: cheap to clone (two `Arc`s).
+/// What handlers run over: cheap to clone (three `Arc`s).
 #[derive(Clone)]
 pub struct AppState {
     pub svc: Arc<Services>,
     pub verifier: Arc<JwtVerifier>,
+    /// The callers' break-glass grants, as the extractor attaches them.
+    pub grants: Arc<break_glass::GrantCache>,
 }
 
 impl AppState {
@@ -92,6 +94,7 @@ impl AppState {
         AppState {
             svc: Arc::new(svc),
             verifier: Arc::new(verifier),
+            grants: Arc::new(break_glass::GrantCache::default()),
         }
     }
 }
@@ -217,7 +220,9 @@ where
             }
             Err(e) => return Err(StepError::from(e).into_response()),
         };
-        let grant = break_glass::latest_grant(&app.svc, &principal)
+        let grant = app
+            .grants
+            .latest(&app.svc, &principal)
             .await
             .map_err(IntoResponse::into_response)?;
         let principal = match grant {
