@@ -57,11 +57,19 @@ struct OrderAt {
     line: u64,
 }
 
-/// The index of an export's orders.
+/// Where one directory resource (Practitioner, Patient, AllergyIntolerance) is.
+#[derive(Debug, Clone, Copy)]
+struct LineAt {
+    file: u32,
+    offset: u64,
+}
+
+/// The index of an export's orders and directory resources.
 #[derive(Debug)]
 pub struct Export {
     files: Vec<PathBuf>,
     orders: Vec<OrderAt>,
+    directory: Vec<LineAt>,
     /// Resource types present but not used by the pipeline (Organization, ...), with counts.
     pub skipped: Vec<(String, u64)>,
 }
@@ -129,49 +137,37 @@ fn ndjson_files(dir: &Path) -> Result<Vec<PathBuf>, BulkError> {
     Ok(files)
 }
 
-/// What the first pass finds besides orders.
-pub enum Directory {
-    Resource(Resource),
-    Bad(BadLine),
-}
-
 impl Export {
-    /// First pass: `directory` gets every non-order resource and every bad line, in file order.
-    pub fn scan(
-        dir: &Path,
-        mut directory: impl FnMut(Directory) -> Result<(), BulkError>,
-    ) -> Result<Export, BulkError> {
+    /// First pass: index the orders (by `authoredOn`) and the directory resources; `bad` gets
+    /// every line that could not be used, in file order.
+    pub fn scan(dir: &Path, mut bad: impl FnMut(BadLine)) -> Result<Export, BulkError> {
         let files = ndjson_files(dir)?;
         let mut orders = Vec::new();
+        let mut directory = Vec::new();
         let mut skipped: std::collections::BTreeMap<String, u64> = Default::default();
         for (fi, path) in files.iter().enumerate() {
             let name = file_name(path);
             lines(path, |l| {
-                let bad = |e: FhirError| {
-                    Directory::Bad(BadLine {
+                match fhir::parse_json(&l.text) {
+                    Ok(Resource::MedicationRequest(o)) => orders.push(OrderAt {
+                        authored_on: o.authored_on,
+                        file: fi as u32,
+                        offset: l.offset,
+                        line: l.number,
+                    }),
+                    Ok(Resource::Other(kind)) => *skipped.entry(kind).or_default() += 1,
+                    Ok(_) => directory.push(LineAt {
+                        file: fi as u32,
+                        offset: l.offset,
+                    }),
+                    Err(e) => bad(BadLine {
                         file: name.clone(),
                         line: l.number,
-                        raw: l.text.clone(),
+                        raw: l.text,
                         error: e.to_string(),
-                    })
-                };
-                match fhir::parse_json(&l.text) {
-                    Ok(Resource::MedicationRequest(o)) => {
-                        orders.push(OrderAt {
-                            authored_on: o.authored_on,
-                            file: fi as u32,
-                            offset: l.offset,
-                            line: l.number,
-                        });
-                        Ok(())
-                    }
-                    Ok(Resource::Other(kind)) => {
-                        *skipped.entry(kind).or_default() += 1;
-                        Ok(())
-                    }
-                    Ok(r) => directory(Directory::Resource(r)),
-                    Err(e) => directory(bad(e)),
+                    }),
                 }
+                Ok(())
             })?;
         }
         // Stable: orders written at the same instant keep their file order.
@@ -179,7 +175,20 @@ impl Export {
         Ok(Export {
             files,
             orders,
+            directory,
             skipped: skipped.into_iter().collect(),
+        })
+    }
+
+    /// Second pass, first part: the directory resources, one at a time, in file order.
+    pub fn directory(&self) -> impl Iterator<Item = Result<Resource, BulkError>> + '_ {
+        let mut reader = Reader::default();
+        self.directory.iter().filter_map(move |at| {
+            match reader.line(&self.files, at.file, at.offset) {
+                // Parsed once already in the scan: a line that fails now changed meanwhile.
+                Ok(text) => fhir::parse_json(text.trim()).ok().map(Ok),
+                Err(e) => Some(Err(e)),
+            }
         })
     }
 
@@ -191,22 +200,10 @@ impl Export {
     pub fn orders(
         &self,
     ) -> impl Iterator<Item = Result<Result<MedicationOrder, BadLine>, BulkError>> + '_ {
-        let mut open: Option<(u32, BufReader<File>)> = None;
+        let mut reader = Reader::default();
         self.orders.iter().map(move |at| {
+            let text = reader.line(&self.files, at.file, at.offset)?;
             let path = &self.files[at.file as usize];
-            let err = |source| BulkError::File {
-                file: path.display().to_string(),
-                source,
-            };
-            let (fi, mut r) = match open.take() {
-                Some((fi, r)) if fi == at.file => (fi, r),
-                _ => (at.file, BufReader::new(File::open(path).map_err(err)?)),
-            };
-            r.seek(SeekFrom::Start(at.offset)).map_err(err)?;
-            let mut buf = Vec::new();
-            r.read_until(b'\n', &mut buf).map_err(err)?;
-            open = Some((fi, r));
-            let text = String::from_utf8_lossy(&buf);
             Ok(fhir::parse_json(text.trim())
                 .and_then(|r| match r {
                     Resource::MedicationRequest(o) => Ok(o),
@@ -222,6 +219,31 @@ impl Export {
                     error: e.to_string(),
                 }))
         })
+    }
+}
+
+/// Reads single lines by offset, keeping the last file open.
+#[derive(Default)]
+struct Reader {
+    open: Option<(u32, BufReader<File>)>,
+}
+
+impl Reader {
+    fn line(&mut self, files: &[PathBuf], file: u32, offset: u64) -> Result<String, BulkError> {
+        let path = &files[file as usize];
+        let err = |source| BulkError::File {
+            file: path.display().to_string(),
+            source,
+        };
+        let (fi, mut r) = match self.open.take() {
+            Some((fi, r)) if fi == file => (fi, r),
+            _ => (file, BufReader::new(File::open(path).map_err(err)?)),
+        };
+        r.seek(SeekFrom::Start(offset)).map_err(err)?;
+        let mut buf = Vec::new();
+        r.read_until(b'\n', &mut buf).map_err(err)?;
+        self.open = Some((fi, r));
+        Ok(String::from_utf8_lossy(&buf).into_owned())
     }
 }
 

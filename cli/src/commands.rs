@@ -12,7 +12,7 @@ use rx_domain::synth::{self, CohortConfig};
 use rx_platform::config::Config;
 use rx_platform::StepError;
 
-use crate::bulk::{BadLine, BulkError, Directory, Export};
+use crate::bulk::{BadLine, BulkError, Export};
 use crate::pipeline::{refused, Pipeline, TimeMode};
 use crate::report::Report;
 
@@ -115,22 +115,16 @@ pub async fn run(input: &Path, replay: bool, opts: RunOptions) -> Result<Ended, 
     let mut report = Report::new(opts.json, opts.config.data_dir.display().to_string());
     let started = Instant::now();
 
-    // First pass: the directory; bad lines are collected and quarantined after the scan.
-    let mut directory = Vec::new();
+    // First pass: index the export; bad lines are kept (sealed) once the scan is done.
     let mut bad_lines = Vec::new();
-    let export = Export::scan(input, |d| {
-        match d {
-            Directory::Resource(r) => directory.push(r),
-            Directory::Bad(b) => bad_lines.push(b),
-        }
-        Ok(())
-    })?;
+    let export = Export::scan(input, |b| bad_lines.push(b))?;
     p.tick_batch()?;
-    for r in directory {
-        register(&p, r).await?;
-    }
     for b in &bad_lines {
         quarantine(&p, b, &mut report).await?;
+    }
+    drop(bad_lines);
+    for r in export.directory() {
+        register(&p, r?).await?;
     }
     report.skipped_resources = export.skipped.iter().cloned().collect();
 
