@@ -124,10 +124,10 @@ pub async fn verify_trail(
         first_break: None,
         ok: false,
     };
-    let walker = Walker {
+    let walker = Box::new(Walker {
         chain: Verifier::new(),
         sealing: Sealing::new(rows, trusted_public_key.map(<[u8]>::to_vec)),
-    };
+    });
     let (walker, found) = walk(store, walker).await?;
     report.events = walker.chain.len();
     report.events_sealed = walker.sealing.sealed;
@@ -159,13 +159,16 @@ impl Walker {
 
 /// Where the walker is: here, or hashing a page on a blocking thread.
 enum Slot {
-    Here(Walker),
-    Away(tokio::task::JoinHandle<(Walker, Option<Break>)>),
+    Here(Box<Walker>),
+    Away(tokio::task::JoinHandle<(Box<Walker>, Option<Break>)>),
 }
 
 /// The walk itself: `Ok(Some(break))` at the first break. Under a Tokio runtime, reading page
 /// k + 1 overlaps hashing page k; elsewhere the pages are checked inline.
-async fn walk(store: &dyn RecordStore, walker: Walker) -> Result<(Walker, Option<Break>)> {
+async fn walk(
+    store: &dyn RecordStore,
+    walker: Box<Walker>,
+) -> Result<(Box<Walker>, Option<Break>)> {
     let runtime = tokio::runtime::Handle::try_current().ok();
     let mut slot = Slot::Here(walker);
     let mut next = 1u64;
