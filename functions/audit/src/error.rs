@@ -35,6 +35,9 @@ pub enum AuditError {
     /// An inclusion proof does not verify.
     #[error("the inclusion proof does not verify: {0}")]
     ProofInvalid(String),
+    /// The trusted public key could not be read.
+    #[error("the trusted public key is not usable: {0}")]
+    PublicKey(String),
     /// The runtime shut down while the trail was being checked.
     #[error("the check was interrupted (the process is shutting down); run it again")]
     Interrupted,

@@ -21,3 +21,12 @@ pub use reads::{
     Entry, Touch,
 };
 pub use verify::{verify_trail, Break, BreakKind, TrailReport, PAGE};
+
+/// Reads a trusted public key from a file: the `keys/audit-signing.pub` the signer wrote (or a
+/// copy kept apart from the data), a PEM SubjectPublicKeyInfo, or 64 hex digits.
+pub fn read_public_key(path: &std::path::Path) -> Result<Vec<u8>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| AuditError::PublicKey(format!("cannot read {}: {e}", path.display())))?;
+    rx_guard::merkle::parse_public_key(&text)
+        .map_err(|e| AuditError::PublicKey(format!("{}: {e}", path.display())))
+}

@@ -163,3 +163,12 @@ async fn an_outside_verifier_checks_a_proof_with_the_public_key_file_alone() {
     assert_eq!(code, Some(1));
     assert!(out.contains("signature"), "{out}");
 }
+
+#[tokio::test]
+async fn the_public_key_file_the_signer_wrote_is_read_back_as_the_trusted_key() {
+    let t = trail(3, 3).await;
+    let key = rx_fn_audit::read_public_key(t.signer.public_key_path()).unwrap();
+    assert_eq!(key, t.key());
+    let missing = rx_fn_audit::read_public_key(&t.dir.path().join("nope.pub"));
+    assert!(matches!(missing, Err(AuditError::PublicKey(_))));
+}

@@ -9,16 +9,26 @@ mod error;
 
 pub use error::{Result, SealError};
 
+use std::path::Path;
+
 use chrono::{SubsecRound, Utc};
 use rx_guard::audit::chain::{self, GENESIS};
 use rx_guard::audit::ChainedEvent;
 use rx_guard::merkle::{
-    checkpoint_hash, Checkpoint, CheckpointSigner, Hash, TreeBuilder, CHECKPOINT_VERSION,
+    checkpoint_hash, Checkpoint, CheckpointSigner, Hash, LocalSigner, TreeBuilder,
+    CHECKPOINT_VERSION,
 };
+use rx_platform::services::DataDir;
 use rx_store::{CheckpointRow, RecordStore};
 
 /// Events read per page.
 pub const PAGE: usize = 8192;
+
+/// The embedded signer: the Ed25519 key `keys/audit-signing.pk8` in the data directory, created
+/// (mode 0600) on first use, with `keys/audit-signing.pub` beside it for outside verifiers.
+pub fn local_signer(data_dir: &Path) -> Result<LocalSigner> {
+    LocalSigner::open_or_create(&DataDir(data_dir).audit_signing_key()).map_err(SealError::Signer)
+}
 
 /// Seals the events appended since the last checkpoint into the next checkpoint and stores it.
 /// Returns `None` when there is nothing new to seal.

@@ -192,3 +192,13 @@ fn sealing_also_runs_outside_a_tokio_runtime() {
     };
     assert_eq!(cp.tree_size, 20_000);
 }
+
+#[tokio::test]
+async fn the_embedded_signer_lives_in_the_data_directory_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let signer = rx_fn_seal::local_signer(dir.path()).unwrap();
+    assert!(dir.path().join("keys/audit-signing.pk8").is_file());
+    assert!(dir.path().join("keys/audit-signing.pub").is_file());
+    let again = rx_fn_seal::local_signer(dir.path()).unwrap();
+    assert_eq!(signer.public_key(), again.public_key());
+}
