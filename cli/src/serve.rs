@@ -36,8 +36,7 @@ use rx_store::Table;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, Semaphore};
-use tokio::task::JoinHandle;
+use tokio::sync::{mpsc, oneshot, Semaphore};
 
 /// Function name of intake in audit events.
 const INTAKE: &str = "intake";
@@ -166,9 +165,14 @@ async fn run_chain(svc: Arc<Services>, first: PipelineEvent) {
     }
 }
 
-fn spawn_pipeline(svc: Arc<Services>) -> (Pipeline, JoinHandle<()>) {
+/// The pipeline runs on a thread of its own (a single-threaded runtime): however much work
+/// queues up behind a burst of submissions, it takes at most one core from the HTTP side, so
+/// intake keeps answering fast. Completes `done` once every sender is gone and the chains still
+/// running have finished.
+fn spawn_pipeline(svc: Arc<Services>) -> Result<(Pipeline, oneshot::Receiver<()>), ServeError> {
     let (tx, mut rx) = mpsc::unbounded_channel::<PipelineEvent>();
-    let worker = tokio::spawn(async move {
+    let (done_tx, done) = oneshot::channel::<()>();
+    let worker = async move {
         let slots = Arc::new(Semaphore::new(PIPELINE_WORKERS));
         while let Some(ev) = rx.recv().await {
             let Ok(slot) = slots.clone().acquire_owned().await else {
@@ -182,8 +186,19 @@ fn spawn_pipeline(svc: Arc<Services>) -> (Pipeline, JoinHandle<()>) {
         }
         // Every sender is gone (the server stopped): wait for the chains still running.
         let _all = slots.acquire_many(PIPELINE_WORKERS as u32).await;
-    });
-    (Pipeline { tx }, worker)
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(ServeError::Serve)?;
+    std::thread::Builder::new()
+        .name("rxflow-pipeline".into())
+        .spawn(move || {
+            runtime.block_on(worker);
+            let _ = done_tx.send(());
+        })
+        .map_err(ServeError::Serve)?;
+    Ok((Pipeline { tx }, done))
 }
 
 /// Orders a previous run accepted but did not take through validate and review (a crash, a
@@ -765,7 +780,7 @@ async fn export_pages(
 pub struct Server {
     listener: TcpListener,
     router: Router,
-    pipeline_worker: JoinHandle<()>,
+    pipeline_done: oneshot::Receiver<()>,
     addr: SocketAddr,
     state: AppState,
 }
@@ -783,7 +798,7 @@ pub async fn bind_with(args: &ServeArgs, limits: Limits) -> Result<Server, Serve
     let embedded = Embedded::open(&config, Arc::new(SystemClock))?;
     let verifier = verifier_from_env(&args.data_dir, |k| std::env::var(k).ok())?;
     let state = AppState::new(embedded.services, verifier);
-    let (pipeline, pipeline_worker) = spawn_pipeline(state.svc.clone());
+    let (pipeline, pipeline_done) = spawn_pipeline(state.svc.clone())?;
     resume_pending(&state.svc, &config.tenant, &pipeline).await;
     let router = app(state.clone(), pipeline, &limits);
     let listener = TcpListener::bind(args.addr)
@@ -799,7 +814,7 @@ pub async fn bind_with(args: &ServeArgs, limits: Limits) -> Result<Server, Serve
     Ok(Server {
         listener,
         router,
-        pipeline_worker,
+        pipeline_done,
         addr,
         state,
     })
@@ -830,7 +845,7 @@ impl Server {
         .with_graceful_shutdown(shutdown)
         .await;
         // The router (and its pipeline senders) is gone now: the worker drains and ends.
-        match tokio::time::timeout(DRAIN_TIMEOUT, self.pipeline_worker).await {
+        match tokio::time::timeout(DRAIN_TIMEOUT, self.pipeline_done).await {
             Ok(_) => tracing::info!("pipeline drained"),
             Err(_) => tracing::warn!(
                 "pipeline still busy at shutdown; unfinished orders resume at the next start"
