@@ -111,6 +111,7 @@ impl Checkpoint {
 
     /// The canonical JSON bytes (what is stored and what the next checkpoint hashes).
     pub fn to_json(&self) -> Vec<u8> {
+        // Integers and strings only (the hashes as hex): serializing cannot fail.
         serde_json::to_vec(self).unwrap_or_default()
     }
 
