@@ -228,17 +228,22 @@ impl Pipeline {
         };
         drain(&svc, event.into_iter().collect()).await?;
         let rx_id = accepted.rx_id;
+        // One read for the report (and the pharmacist's decision); verify and dispense say
+        // what they changed.
+        let rx = load_rx(&svc, &self.report_cx(), &tenant, &rx_id).await?;
+        let mut status = rx.status;
         let mut notes = Vec::new();
         if let Some(p) = self.pharmacist.clone() {
-            let rx = load_rx(&svc, &self.report_cx(), &tenant, &rx_id).await?;
             if rx.status == Status::AwaitingVerification
                 && !rx.record.alerts.iter().any(|a| a.is_blocking())
             {
-                notes.extend(self.verify_and_dispense(&p, &rx).await?);
+                let (now, note) = self.verify_and_dispense(&p, &rx).await?;
+                status = now.unwrap_or(status);
+                notes.extend(note);
             }
         }
-        let rx = load_rx(&svc, &self.report_cx(), &tenant, &rx_id).await?;
         let mut outcome = self.outcome(source_id, &rx);
+        outcome.status = status.as_str().to_string();
         outcome.reasons.extend(notes);
         Ok(outcome)
     }
@@ -249,15 +254,17 @@ impl Pipeline {
         &self,
         p: &Principal,
         rx: &Rx,
-    ) -> Result<Option<ReasonOut>, StepError> {
+    ) -> Result<(Option<Status>, Option<ReasonOut>), StepError> {
         let svc = &self.emb.services;
         let rx_id = rx.id();
         let approve: rx_fn_verify::VerifyRequest =
             serde_json::from_value(serde_json::json!({ "decision": "approve" }))
                 .map_err(|e| StepError::invalid(format!("verification request: {e}")))?;
-        if let Err(e) = with_retry(|| rx_fn_verify::handle(svc, p, None, rx_id, &approve)).await {
-            return left_with_pharmacist(e, "verification-refused");
-        }
+        let verified =
+            match with_retry(|| rx_fn_verify::handle(svc, p, None, rx_id, &approve)).await {
+                Ok(v) => v.status,
+                Err(e) => return Ok((None, left_with_pharmacist(e, "verification-refused")?)),
+            };
         // An order that states no quantity is filled for the default supply at the dose its
         // dosage gives; with neither, the pharmacist has to enter the quantity.
         let order = &rx.record.order;
@@ -267,10 +274,13 @@ impl Pipeline {
             None => match rx_domain::dur::units_per_day(order) {
                 Some(per_day) => Some((per_day * f64::from(days)).ceil()),
                 None => {
-                    return Ok(Some(ReasonOut {
-                        code: "quantity-needed".into(),
-                        message: "Verified; the order states no quantity and its dosage gives no daily amount, so the pharmacist must enter the quantity to dispense.".into(),
-                    }))
+                    return Ok((
+                        Some(verified),
+                        Some(ReasonOut {
+                            code: "quantity-needed".into(),
+                            message: "Verified; the order states no quantity and its dosage gives no daily amount, so the pharmacist must enter the quantity to dispense.".into(),
+                        }),
+                    ))
                 }
             },
         };
@@ -279,8 +289,8 @@ impl Pipeline {
             days_supply: order.days_supply.is_none().then_some(days),
         };
         match with_retry(|| rx_fn_dispense::handle(svc, p, None, rx_id, &fill)).await {
-            Ok(_) => Ok(None),
-            Err(e) => left_with_pharmacist(e, "dispense-refused"),
+            Ok(d) => Ok((Some(d.status), None)),
+            Err(e) => Ok((Some(verified), left_with_pharmacist(e, "dispense-refused")?)),
         }
     }
 
