@@ -8,8 +8,7 @@
 use std::path::Path;
 
 use rx_fn_audit::{AuditError, TrailReport};
-use rx_guard::merkle::{parse_public_key, Checkpoint, LocalSigner};
-use rx_guard::GuardError;
+use rx_guard::merkle::Checkpoint;
 use rx_platform::services::{DataDir, Embedded};
 
 #[derive(Debug, thiserror::Error)]
@@ -18,24 +17,11 @@ pub enum AuditCmdError {
     Audit(#[from] AuditError),
     #[error(transparent)]
     Seal(#[from] rx_fn_seal::SealError),
-    #[error("the audit signing key: {0}")]
-    Key(#[from] GuardError),
-    #[error("cannot read the public key {path}: {source}")]
-    PublicKey {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-/// The data directory's checkpoint signer (created on first use).
-pub fn signer(emb: &Embedded) -> Result<LocalSigner, GuardError> {
-    LocalSigner::open_or_create(&DataDir(&emb.data_dir).audit_signing_key())
 }
 
 /// Seal the events since the last checkpoint; `None` when there were none.
 pub async fn seal(emb: &Embedded) -> Result<Option<Checkpoint>, AuditCmdError> {
-    let signer = signer(emb)?;
+    let signer = rx_fn_seal::local_signer(&emb.data_dir)?;
     Ok(rx_fn_seal::seal(emb.store.as_ref(), &signer).await?)
 }
 
@@ -53,11 +39,7 @@ pub fn trusted_key(emb: &Embedded, given: Option<&Path>) -> Result<Option<Vec<u8
             p
         }
     };
-    let text = std::fs::read_to_string(&path).map_err(|source| AuditCmdError::PublicKey {
-        path: path.display().to_string(),
-        source,
-    })?;
-    Ok(Some(parse_public_key(&text)?))
+    Ok(Some(rx_fn_audit::read_public_key(&path)?))
 }
 
 /// Check the whole trail: every event's chain link and every signed checkpoint.

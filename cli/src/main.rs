@@ -317,8 +317,7 @@ async fn audit(command: AuditCommand) -> Result<ExitCode, CommandError> {
             };
             let proof: rx_fn_audit::InclusionProof = serde_json::from_str(&read(&proof)?)
                 .map_err(|e| CommandError::Usage(format!("the proof file is not a proof: {e}")))?;
-            let key = rx_guard::merkle::parse_public_key(&read(&public_key)?)
-                .map_err(|e| CommandError::Usage(e.to_string()))?;
+            let key = rx_fn_audit::read_public_key(&public_key).map_err(a::AuditCmdError::from)?;
             match rx_fn_audit::verify_proof(&proof, &key) {
                 Ok(()) => {
                     println!(

@@ -774,57 +774,6 @@ async fn export_pages(
 }
 
 // ---------------------------------------------------------------------------------------------
-// WAL checkpoints off the request path
-
-/// How often the background checkpointer copies the write-ahead log into the database.
-const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
-
-/// Stops the checkpointer when dropped (after a last checkpoint).
-struct Checkpointer(Arc<std::sync::atomic::AtomicBool>);
-
-impl Drop for Checkpointer {
-    fn drop(&mut self) {
-        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
-/// SQLite checkpoints the WAL inline in whichever commit crosses the auto-checkpoint threshold;
-/// that commit holds the store for the checkpoint's writes and fsyncs (tens of ms on a real
-/// disk), which every request queued behind it waits out. A second connection running PASSIVE
-/// checkpoints on its own thread keeps the WAL backfilled, so the store's own auto-checkpoint
-/// finds nothing to copy. PASSIVE never waits for, nor blocks, readers or writers.
-fn spawn_checkpointer(db: PathBuf) -> Option<Checkpointer> {
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flag = stop.clone();
-    let conn = match rusqlite::Connection::open(&db) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::warn!(error = %e, "no background checkpointer; commits checkpoint inline");
-            return None;
-        }
-    };
-    let spawned = std::thread::Builder::new()
-        .name("rxflow-checkpoint".into())
-        .spawn(move || loop {
-            let last = flag.load(std::sync::atomic::Ordering::Relaxed);
-            if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-                tracing::debug!(error = %e, "background checkpoint skipped");
-            }
-            if last {
-                break;
-            }
-            std::thread::sleep(CHECKPOINT_EVERY);
-        });
-    match spawned {
-        Ok(_) => Some(Checkpointer(stop)),
-        Err(e) => {
-            tracing::warn!(error = %e, "no background checkpointer; commits checkpoint inline");
-            None
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
 // Server
 
 /// A bound server, not yet serving: tests read its address and services.
@@ -832,7 +781,6 @@ pub struct Server {
     listener: TcpListener,
     router: Router,
     pipeline_done: oneshot::Receiver<()>,
-    _checkpointer: Option<Checkpointer>,
     addr: SocketAddr,
     state: AppState,
 }
@@ -848,11 +796,6 @@ pub async fn bind_with(args: &ServeArgs, limits: Limits) -> Result<Server, Serve
     let mut config = Config::from_env()?;
     config.data_dir = args.data_dir.clone();
     let embedded = Embedded::open(&config, Arc::new(SystemClock))?;
-    let checkpointer = if std::env::var_os("RXFLOW_AB_NO_CHECKPOINTER").is_some() {
-        None
-    } else {
-        spawn_checkpointer(embedded.store.path().to_path_buf())
-    };
     let verifier = verifier_from_env(&args.data_dir, |k| std::env::var(k).ok())?;
     let state = AppState::new(embedded.services, verifier);
     let (pipeline, pipeline_done) = spawn_pipeline(state.svc.clone())?;
@@ -872,7 +815,6 @@ pub async fn bind_with(args: &ServeArgs, limits: Limits) -> Result<Server, Serve
         listener,
         router,
         pipeline_done,
-        _checkpointer: checkpointer,
         addr,
         state,
     })
