@@ -375,3 +375,25 @@ pub async fn latest_grant(
     }
     Ok(best)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_grant_window_survives_the_row_status_round_trip() {
+        let at = Utc::now();
+        let g = BreakGlassGrant {
+            id: "g".into(),
+            subject: "s".into(),
+            reason: String::new(),
+            granted_at: at,
+            expires_at: at + Duration::minutes(60),
+        };
+        let (from, to) = parse_window(&window(&g)).expect("parses");
+        assert_eq!(from.timestamp_millis(), at.timestamp_millis());
+        assert_eq!((to - from).num_minutes(), 60);
+        assert!(parse_window("open").is_none());
+        assert!(parse_window("2026-01-01T00:00:00Z/later").is_none());
+    }
+}

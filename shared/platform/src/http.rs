@@ -673,6 +673,23 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn requests_past_the_in_flight_limit_are_shed_with_503_and_retry_after() {
+        let limits = Limits {
+            max_in_flight: 1,
+            ..Limits::default()
+        };
+        let app = app(limits);
+        let slow = tokio::spawn(call(app.clone(), get_req("/slow")));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (status, h, v) = call(app, get_req("/refused")).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_outcome(&h, &v);
+        assert_eq!(h[header::RETRY_AFTER], "1");
+        let (status, _, _) = slow.await.expect("slow request");
+        assert_eq!(status, StatusCode::OK);
+    }
+
+    #[tokio::test]
     async fn panicking_handler_answers_500_without_the_panic_text() {
         let (status, h, v) = call(app(Limits::default()), get_req("/panic")).await;
         assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
