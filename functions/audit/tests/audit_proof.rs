@@ -122,12 +122,17 @@ async fn no_proof_is_built_from_a_tampered_checkpoint_range() {
 #[tokio::test]
 async fn an_outside_verifier_checks_a_proof_with_the_public_key_file_alone() {
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/verify_proof.py");
-    let ready = std::process::Command::new("python3")
+    let python = std::env::var("RXFLOW_PY").unwrap_or_else(|_| "python3".into());
+    let ready = std::process::Command::new(&python)
         .args(["-c", "import cryptography"])
         .status()
         .map(|s| s.success())
         .unwrap_or(false);
     if !ready {
+        assert!(
+            std::env::var_os("RXFLOW_STRICT").is_none(),
+            "RXFLOW_STRICT is set but {python} cannot import cryptography; run .ci/run's install step"
+        );
         eprintln!(
             "skipped: needs python3 with the cryptography package (pip install cryptography)"
         );
@@ -138,7 +143,7 @@ async fn an_outside_verifier_checks_a_proof_with_the_public_key_file_alone() {
     let run = |proof: &InclusionProof| {
         let path = t.dir.path().join("proof.json");
         std::fs::write(&path, serde_json::to_vec_pretty(proof).unwrap()).unwrap();
-        let out = std::process::Command::new("python3")
+        let out = std::process::Command::new(&python)
             .arg(&script)
             .arg(&path)
             .arg(&pub_file)
