@@ -6,7 +6,7 @@
 //! errors into OperationOutcomes and wraps everything in the middleware stack; the step handlers
 //! decide and audit.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -120,21 +120,49 @@ pub fn verifier_from_env(
 // ---------------------------------------------------------------------------------------------
 // The in-process pipeline
 
+/// Events waiting for the pipeline, at most. Past it an accepted order's event is not queued
+/// (the order is stored, as `received`) and its tenant is swept for pending orders once the
+/// pipeline has caught up: memory stays bounded under a sustained overload and nothing accepted
+/// is left behind.
+const PIPELINE_QUEUE: usize = 65_536;
+/// Pending orders read per page when sweeping a tenant.
+const SWEEP_PAGE: usize = 500;
+
 /// Hands accepted orders' events to the queue steps. Cheap to clone.
 #[derive(Clone)]
 pub struct Pipeline {
-    tx: mpsc::UnboundedSender<PipelineEvent>,
+    tx: mpsc::Sender<PipelineEvent>,
+    /// Tenants with an order whose event did not fit in the queue.
+    overflow: Arc<std::sync::Mutex<BTreeSet<String>>>,
 }
 
 impl Pipeline {
     fn publish(&self, events: Vec<PipelineEvent>) {
         for ev in events {
-            if self.tx.send(ev).is_err() {
-                // Only while shutting down; the order is stored and the startup sweep resumes it.
-                tracing::warn!("pipeline closed; the order waits for the next start");
+            match self.tx.try_send(ev) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(ev)) => {
+                    if let Ok(mut tenants) = self.overflow.lock() {
+                        if tenants.insert(ev.tenant.clone()) {
+                            tracing::warn!(tenant = %ev.tenant, "pipeline queue full; the tenant's pending orders are swept once it catches up");
+                        }
+                    }
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    // Only while shutting down; the order is stored and the startup sweep resumes it.
+                    tracing::warn!("pipeline closed; the order waits for the next start");
+                }
             }
         }
     }
+}
+
+/// The tenants that overflowed since the last call.
+fn take_overflow(overflow: &std::sync::Mutex<BTreeSet<String>>) -> Vec<String> {
+    overflow
+        .lock()
+        .map(|mut t| std::mem::take(&mut *t).into_iter().collect())
+        .unwrap_or_default()
 }
 
 /// Run `first` and the events it leads to through the queue steps ([`crate::pipeline::dispatch`]).
@@ -165,24 +193,120 @@ async fn run_chain(svc: Arc<Services>, first: PipelineEvent) {
     }
 }
 
+/// Start a chain for `ev` once one of the worker slots is free.
+async fn start_chain(svc: &Arc<Services>, slots: &Arc<Semaphore>, ev: PipelineEvent) {
+    let Ok(slot) = slots.clone().acquire_owned().await else {
+        return;
+    };
+    let svc = svc.clone();
+    tokio::spawn(async move {
+        run_chain(svc, ev).await;
+        drop(slot);
+    });
+}
+
+/// Run every order of `tenant` that is accepted but not yet through validate and review: at
+/// start (a crash or a shutdown mid-chain left them) and after a queue overflow. Page by page,
+/// so the sweep's memory is one page whatever the backlog. An order that is already on its way
+/// is harmless to run again: every step is idempotent.
+async fn sweep(svc: &Arc<Services>, slots: &Arc<Semaphore>, tenant: &str) {
+    for (status, kind) in [
+        (rx_domain::Status::Received, EventKind::Received),
+        (rx_domain::Status::Validated, EventKind::Validated),
+    ] {
+        let mut after: Option<String> = None;
+        let mut resumed = 0usize;
+        loop {
+            let rows = match svc
+                .vault
+                .store
+                .list(
+                    Table::Prescriptions,
+                    tenant,
+                    Some(status.as_str()),
+                    after.as_deref(),
+                    SWEEP_PAGE,
+                )
+                .await
+            {
+                Ok(rows) => rows,
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not list pending orders to resume");
+                    return;
+                }
+            };
+            let Some(last) = rows.last() else { break };
+            after = Some(last.id.clone());
+            let n = rows.len();
+            for r in rows {
+                start_chain(
+                    svc,
+                    slots,
+                    PipelineEvent::new(kind, &r.id, tenant, r.version),
+                )
+                .await;
+            }
+            resumed += n;
+            if n < SWEEP_PAGE {
+                break;
+            }
+        }
+        if resumed > 0 {
+            tracing::info!(
+                count = resumed,
+                status = status.as_str(),
+                "resumed pending orders"
+            );
+        }
+    }
+}
+
 /// The pipeline runs on a thread of its own (a single-threaded runtime): however much work
 /// queues up behind a burst of submissions, it takes at most one core from the HTTP side, so
-/// intake keeps answering fast. Completes `done` once every sender is gone and the chains still
-/// running have finished.
-fn spawn_pipeline(svc: Arc<Services>) -> Result<(Pipeline, oneshot::Receiver<()>), ServeError> {
-    let (tx, mut rx) = mpsc::unbounded_channel::<PipelineEvent>();
+/// intake keeps answering fast. It first resumes `resume_tenant`'s pending orders. `done`
+/// completes once every sender is gone and the chains still running have finished.
+fn spawn_pipeline(
+    svc: Arc<Services>,
+    resume_tenant: String,
+    capacity: usize,
+) -> Result<(Pipeline, oneshot::Receiver<()>), ServeError> {
+    let (tx, mut rx) = mpsc::channel::<PipelineEvent>(capacity.max(1));
     let (done_tx, done) = oneshot::channel::<()>();
+    let pipeline = Pipeline {
+        tx,
+        overflow: Arc::new(std::sync::Mutex::new(BTreeSet::new())),
+    };
+    // The worker holds no sender: the channel closes when the server's are gone.
+    let overflow = pipeline.overflow.clone();
     let worker = async move {
         let slots = Arc::new(Semaphore::new(PIPELINE_WORKERS));
-        while let Some(ev) = rx.recv().await {
-            let Ok(slot) = slots.clone().acquire_owned().await else {
-                break;
+        sweep(&svc, &slots, &resume_tenant).await;
+        loop {
+            let ev = match rx.try_recv() {
+                Ok(ev) => ev,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    // Shutting down: finish the orders that overflowed, then stop.
+                    for t in take_overflow(&overflow) {
+                        sweep(&svc, &slots, &t).await;
+                    }
+                    break;
+                }
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    // Caught up: now the orders whose events did not fit.
+                    let tenants = take_overflow(&overflow);
+                    if !tenants.is_empty() {
+                        for t in tenants {
+                            sweep(&svc, &slots, &t).await;
+                        }
+                        continue;
+                    }
+                    match rx.recv().await {
+                        Some(ev) => ev,
+                        None => break,
+                    }
+                }
             };
-            let svc = svc.clone();
-            tokio::spawn(async move {
-                run_chain(svc, ev).await;
-                drop(slot);
-            });
+            start_chain(&svc, &slots, ev).await;
         }
         // Every sender is gone (the server stopped): wait for the chains still running.
         let _all = slots.acquire_many(PIPELINE_WORKERS as u32).await;
@@ -198,54 +322,7 @@ fn spawn_pipeline(svc: Arc<Services>) -> Result<(Pipeline, oneshot::Receiver<()>
             let _ = done_tx.send(());
         })
         .map_err(ServeError::Serve)?;
-    Ok((Pipeline { tx }, done))
-}
-
-/// Orders a previous run accepted but did not take through validate and review (a crash, a
-/// shutdown mid-chain) are resumed at start. Only `tenant`'s orders: the store lists by tenant.
-async fn resume_pending(svc: &Services, tenant: &str, pipeline: &Pipeline) {
-    for (status, kind) in [
-        (rx_domain::Status::Received, EventKind::Received),
-        (rx_domain::Status::Validated, EventKind::Validated),
-    ] {
-        let mut after: Option<String> = None;
-        loop {
-            let rows = match svc
-                .vault
-                .store
-                .list(
-                    Table::Prescriptions,
-                    tenant,
-                    Some(status.as_str()),
-                    after.as_deref(),
-                    500,
-                )
-                .await
-            {
-                Ok(rows) => rows,
-                Err(e) => {
-                    tracing::warn!(error = %e, "could not list pending orders to resume");
-                    return;
-                }
-            };
-            let Some(last) = rows.last() else { break };
-            after = Some(last.id.clone());
-            let n = rows.len();
-            pipeline.publish(
-                rows.into_iter()
-                    .map(|r| PipelineEvent::new(kind, &r.id, tenant, r.version))
-                    .collect(),
-            );
-            tracing::info!(
-                count = n,
-                status = status.as_str(),
-                "resumed pending orders"
-            );
-            if n < 500 {
-                break;
-            }
-        }
-    }
+    Ok((pipeline, done))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -798,8 +875,8 @@ pub async fn bind_with(args: &ServeArgs, limits: Limits) -> Result<Server, Serve
     let embedded = Embedded::open(&config, Arc::new(SystemClock))?;
     let verifier = verifier_from_env(&args.data_dir, |k| std::env::var(k).ok())?;
     let state = AppState::new(embedded.services, verifier);
-    let (pipeline, pipeline_done) = spawn_pipeline(state.svc.clone())?;
-    resume_pending(&state.svc, &config.tenant, &pipeline).await;
+    let (pipeline, pipeline_done) =
+        spawn_pipeline(state.svc.clone(), config.tenant.clone(), PIPELINE_QUEUE)?;
     let router = app(state.clone(), pipeline, &limits);
     let listener = TcpListener::bind(args.addr)
         .await
@@ -894,4 +971,128 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
         .try_init();
     let server = bind(&args).await?;
     server.serve(shutdown_signal()).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rx_store::repo::AuditCtx;
+
+    const TENANT: &str = "pharmacy-t";
+
+    /// An order by a prescriber the Bundle registers, for its own patient.
+    fn bundle(i: usize) -> Value {
+        json!({"resourceType": "Bundle", "type": "collection", "entry": [
+            {"fullUrl": "urn:uuid:dr", "resource": {"resourceType": "Practitioner",
+                "identifier": [
+                    {"system": "http://hl7.org/fhir/sid/us-npi", "value": "1234567893"},
+                    {"system": "http://terminology.hl7.org/NamingSystem/DEANumber", "value": "AP5836727"}],
+                "name": [{"family": "Pump"}]}},
+            {"resource": {"resourceType": "MedicationRequest", "id": format!("mr-{i}"),
+                "status": "active", "intent": "order",
+                "medicationCodeableConcept": {"coding": [{
+                    "system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "314076"}]},
+                "subject": {"reference": format!("Patient/p-{i}")},
+                "requester": {"reference": "urn:uuid:dr"},
+                "dispenseRequest": {"quantity": {"value": 30, "unit": "tablet"},
+                    "expectedSupplyDuration": {"value": 30, "unit": "days", "code": "d"}}}}
+        ]})
+    }
+
+    async fn queued(svc: &Services) -> usize {
+        let status = rx_domain::Status::AwaitingVerification;
+        svc.vault
+            .store
+            .list(
+                Table::Prescriptions,
+                TENANT,
+                Some(status.as_str()),
+                None,
+                1000,
+            )
+            .await
+            .expect("list")
+            .len()
+    }
+
+    async fn waiting(svc: &Services) -> usize {
+        let mut n = 0;
+        for status in [rx_domain::Status::Received, rx_domain::Status::Validated] {
+            n += svc
+                .vault
+                .store
+                .list(
+                    Table::Prescriptions,
+                    TENANT,
+                    Some(status.as_str()),
+                    None,
+                    1000,
+                )
+                .await
+                .expect("list")
+                .len();
+        }
+        n
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn orders_whose_events_overflow_the_queue_still_reach_the_pharmacist_queue() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut config = Config::from_lookup(|_| None).expect("config");
+        config.data_dir = dir.path().join("data");
+        let svc = Arc::new(
+            Embedded::open(&config, Arc::new(SystemClock))
+                .expect("embedded")
+                .services,
+        );
+        let cx = AuditCtx::system(INTAKE, TENANT);
+        let mut events = Vec::new();
+        for i in 0..30 {
+            let out = rx_fn_intake::handle(&svc, &cx, TENANT, &bundle(i))
+                .await
+                .expect("intake");
+            events.extend(out.events);
+        }
+        assert_eq!(waiting(&svc).await, 30);
+        // A queue of one: nearly every event overflows.
+        let (pipeline, _done) = spawn_pipeline(svc.clone(), "nobody".into(), 1).expect("pipeline");
+        pipeline.publish(events);
+        for _ in 0..1000 {
+            if waiting(&svc).await == 0 {
+                assert_eq!(queued(&svc).await, 30);
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{} orders were left behind", waiting(&svc).await);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn orders_left_pending_by_a_previous_run_are_resumed_at_start() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut config = Config::from_lookup(|_| None).expect("config");
+        config.data_dir = dir.path().join("data");
+        let svc = Arc::new(
+            Embedded::open(&config, Arc::new(SystemClock))
+                .expect("embedded")
+                .services,
+        );
+        let cx = AuditCtx::system(INTAKE, TENANT);
+        for i in 0..5 {
+            rx_fn_intake::handle(&svc, &cx, TENANT, &bundle(i))
+                .await
+                .expect("intake");
+        }
+        // Nothing published: only the start-up sweep of the tenant finds them.
+        let (_pipeline, _done) =
+            spawn_pipeline(svc.clone(), TENANT.into(), PIPELINE_QUEUE).expect("pipeline");
+        for _ in 0..1000 {
+            if waiting(&svc).await == 0 {
+                assert_eq!(queued(&svc).await, 5);
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{} orders were not resumed", waiting(&svc).await);
+    }
 }
