@@ -113,6 +113,7 @@ pub async fn run(input: &Path, replay: bool, opts: RunOptions) -> Result<Ended, 
     };
     let mut p = Pipeline::open(&opts.config, time, "run", opts.verify_as.as_deref())?;
     let mut report = Report::new(opts.json, opts.config.data_dir.display().to_string());
+    report.audit_events_written = audit_len(&p).await?;
     let started = Instant::now();
 
     // First pass: index the export; bad lines are kept (sealed) once the scan is done.
@@ -153,7 +154,21 @@ pub async fn run(input: &Path, replay: bool, opts: RunOptions) -> Result<Ended, 
         bar.inc(1);
     }
     bar.finish_and_clear();
+    let expired = report.reasons.get("expired").copied().unwrap_or(0);
+    if !replay && expired * 2 > report.orders_total {
+        report.hint = Some(format!(
+            "{expired} of {} orders were rejected as expired: they were written long ago. To \
+             process the export's history as it was written, run it with --replay (into a new \
+             --data-dir)",
+            report.orders_total
+        ));
+    }
     finish(p, report, started, opts.json).await
+}
+
+async fn audit_len(p: &Pipeline) -> Result<u64, StepError> {
+    use rx_store::RecordStore;
+    Ok(p.emb.store.audit_len().await?)
 }
 
 /// `rxflow demo`: a deterministic synthetic cohort through every step.
@@ -225,6 +240,12 @@ pub fn cohort_config(seed: u64, orders: usize) -> CohortConfig {
 
 /// `rxflow generate --out <dir>`: write the synthetic cohort as a bulk export (NDJSON files).
 pub fn generate(seed: u64, orders: usize, out: &Path) -> Result<(), CommandError> {
+    if out.join("MedicationRequest.ndjson").exists() {
+        return Err(CommandError::Usage(format!(
+            "{} already holds an export; pass another --out (or remove it first)",
+            out.display()
+        )));
+    }
     let cfg = cohort_config(seed, orders);
     let cohort = synth::cohort(&cfg);
     std::fs::create_dir_all(out)?;
@@ -254,7 +275,13 @@ pub fn generate(seed: u64, orders: usize, out: &Path) -> Result<(), CommandError
         "MedicationRequest.ndjson",
         &mut synth::orders(&cfg, &cohort),
     )?;
-    eprintln!("wrote {n} orders (seed {seed}) to {}", out.display());
+    eprintln!(
+        "wrote {n} orders (seed {seed}) to {}; they are dated from {}, so run them with \
+         `rxflow run --input {} --replay`",
+        out.display(),
+        cfg.start.format("%Y-%m-%d"),
+        out.display()
+    );
     Ok(())
 }
 
@@ -270,6 +297,7 @@ async fn finish(
     crate::audit::seal(&p.emb).await?;
     let check = crate::audit::verify(&p.emb, None).await?;
     report.audit_events = check.events;
+    report.audit_events_written = check.events.saturating_sub(report.audit_events_written);
     report.audit_verified = check.ok;
     report.audit_problem = check.first_break.map(|b| b.sentence);
     let mut out = std::io::stdout().lock();

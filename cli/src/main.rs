@@ -4,6 +4,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+
+/// `println!` that returns the write error instead of panicking (a closed pipe, `| head`).
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout(), $($arg)*).map_err(CommandError::Output)?
+    }};
+}
 use rxflow::commands::{self, CommandError, Ended, RunOptions};
 
 #[derive(Parser)]
@@ -63,7 +71,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Write the synthetic cohort as a bulk export (NDJSON files) for `rxflow run`.
+    /// Write the synthetic cohort as a bulk export (NDJSON files) for `rxflow run --replay`
+    /// (its orders are dated from 2025-01-06, so a run as of today finds them expired).
     Generate {
         /// Folder to write (created if missing).
         #[arg(long)]
@@ -93,8 +102,9 @@ enum AuditCommand {
     Verify {
         #[command(flatten)]
         data: DataDirArg,
-        /// The checkpoint signing public key to trust (PEM or hex). Default: the data
-        /// directory's keys/audit-signing.pub; keep a copy elsewhere to detect a replaced key.
+        /// A file holding the checkpoint signing public key to trust (PEM or hex). Default: the
+        /// data directory's keys/audit-signing.pub; keep a copy elsewhere to detect a replaced
+        /// key.
         #[arg(long)]
         public_key: Option<PathBuf>,
         /// Print the result as JSON.
@@ -107,6 +117,7 @@ enum AuditCommand {
         data: DataDirArg,
     },
     /// Print the inclusion proof of one event (JSON), checkable with the public key alone.
+    /// Events not yet in a checkpoint are sealed first.
     Prove {
         /// The audit event id.
         event_id: String,
@@ -118,7 +129,7 @@ enum AuditCommand {
         /// The proof file (JSON).
         #[arg(long)]
         proof: PathBuf,
-        /// The signing public key (PEM or hex), e.g. keys/audit-signing.pub.
+        /// A file holding the signing public key (PEM or hex), e.g. keys/audit-signing.pub.
         #[arg(long)]
         public_key: PathBuf,
     },
@@ -126,7 +137,8 @@ enum AuditCommand {
     Events {
         #[command(flatten)]
         data: DataDirArg,
-        /// The patient's id as the orders reference it (matched through its blind index).
+        /// The patient's id as the orders reference it (`Patient/<id>` or `<id>`; matched through
+        /// its blind index).
         #[arg(long)]
         patient: Option<String>,
         /// The acting user (JWT subject).
@@ -175,6 +187,10 @@ fn main() -> ExitCode {
     };
     match rt.block_on(run(cli.command)) {
         Ok(code) => code,
+        // The reader went away (`| head`): nothing more to say.
+        Err(CommandError::Output(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("rxflow: {e}");
             ExitCode::FAILURE
@@ -253,7 +269,7 @@ async fn audit(command: AuditCommand) -> Result<ExitCode, CommandError> {
         commands::open_existing(&commands::config_for(data.data_dir)?)
     };
     let json_line = |v: &dyn erased::Json| -> Result<(), CommandError> {
-        println!("{}", v.json()?);
+        out!("{}", v.json()?);
         Ok(())
     };
     match command {
@@ -267,7 +283,7 @@ async fn audit(command: AuditCommand) -> Result<ExitCode, CommandError> {
             if json {
                 json_line(&report)?;
             } else if report.ok {
-                println!(
+                out!(
                     "audit trail intact: {} events, {} checkpoints ({} events sealed), signatures {}",
                     report.events,
                     report.checkpoints,
@@ -275,7 +291,7 @@ async fn audit(command: AuditCommand) -> Result<ExitCode, CommandError> {
                     if report.signatures_checked { "verified" } else { "not checked (no public key)" }
                 );
             } else if let Some(b) = &report.first_break {
-                println!("audit trail BROKEN: {}", b.sentence);
+                out!("audit trail BROKEN: {}", b.sentence);
             }
             Ok(if report.ok {
                 ExitCode::SUCCESS
@@ -286,7 +302,7 @@ async fn audit(command: AuditCommand) -> Result<ExitCode, CommandError> {
         AuditCommand::Seal { data } => {
             let emb = open(data)?;
             match a::seal(&emb).await? {
-                Some(cp) => println!(
+                Some(cp) => out!(
                     "checkpoint {} sealed: events {}..{} ({} events), root {}",
                     cp.number,
                     cp.first_seq,
@@ -294,7 +310,7 @@ async fn audit(command: AuditCommand) -> Result<ExitCode, CommandError> {
                     cp.tree_size,
                     hex_of(&cp.root)
                 ),
-                None => println!("nothing to seal: every event is in a checkpoint"),
+                None => out!("nothing to seal: every event is in a checkpoint"),
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -304,7 +320,7 @@ async fn audit(command: AuditCommand) -> Result<ExitCode, CommandError> {
             let proof = rx_fn_audit::prove(emb.store.as_ref(), &event_id)
                 .await
                 .map_err(a::AuditCmdError::from)?;
-            println!(
+            out!(
                 "{}",
                 serde_json::to_string_pretty(&proof).map_err(std::io::Error::other)?
             );
@@ -320,14 +336,17 @@ async fn audit(command: AuditCommand) -> Result<ExitCode, CommandError> {
             let key = rx_fn_audit::read_public_key(&public_key).map_err(a::AuditCmdError::from)?;
             match rx_fn_audit::verify_proof(&proof, &key) {
                 Ok(()) => {
-                    println!(
+                    out!(
                         "proof valid: event {} (seq {}) is in checkpoint {}, signed by {}",
-                        proof.event_id, proof.seq, proof.checkpoint.number, proof.checkpoint.key_id
+                        proof.event_id,
+                        proof.seq,
+                        proof.checkpoint.number,
+                        proof.checkpoint.key_id
                     );
                     Ok(ExitCode::SUCCESS)
                 }
                 Err(e) => {
-                    println!("proof INVALID: {e}");
+                    out!("proof INVALID: {e}");
                     Ok(ExitCode::FAILURE)
                 }
             }
@@ -356,7 +375,10 @@ async fn audit(command: AuditCommand) -> Result<ExitCode, CommandError> {
                 ),
             };
             let query = rx_guard::audit::AuditQuery {
-                patient: patient.map(|p| emb.services.vault.patient_hex(&p)),
+                patient: patient.map(|p| {
+                    let id = rx_domain::fhir::reference_id(&p).unwrap_or(&p).to_string();
+                    emb.services.vault.patient_hex(&id)
+                }),
                 subject: user,
                 action,
                 from,
@@ -364,11 +386,16 @@ async fn audit(command: AuditCommand) -> Result<ExitCode, CommandError> {
                 limit,
                 ..Default::default()
             };
-            for e in rx_fn_audit::search(emb.store.as_ref(), &query)
+            let found = rx_fn_audit::search(emb.store.as_ref(), &query)
                 .await
-                .map_err(a::AuditCmdError::from)?
-            {
-                json_line(&e)?;
+                .map_err(a::AuditCmdError::from)?;
+            for e in &found {
+                json_line(e)?;
+            }
+            if limit > 0 && found.len() == limit {
+                eprintln!(
+                    "showed the first {limit} matching events; pass --limit 0 for all of them"
+                );
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -85,6 +85,10 @@ pub struct OrderOutcome {
     pub status: String,
     pub reasons: Vec<ReasonOut>,
     pub alerts: Vec<AlertOut>,
+    /// The order was already in the data directory (an earlier run stored it): not processed
+    /// again, reported as it stands.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub already_stored: bool,
     #[serde(skip)]
     pub controlled: bool,
     #[serde(skip)]
@@ -233,6 +237,11 @@ impl Pipeline {
         let rx = load_rx(&svc, &self.report_cx(), &tenant, &rx_id).await?;
         let mut status = rx.status;
         let mut notes = Vec::new();
+        if accepted.duplicate {
+            let mut outcome = self.outcome(source_id, &rx);
+            outcome.already_stored = true;
+            return Ok(outcome);
+        }
         if let Some(p) = self.pharmacist.clone() {
             if rx.status == Status::AwaitingVerification
                 && !rx.record.alerts.iter().any(|a| a.is_blocking())
@@ -333,6 +342,7 @@ impl Pipeline {
                     severity: a.severity,
                 })
                 .collect(),
+            already_stored: false,
             controlled: schedule.is_some(),
             schedule,
         }
@@ -361,6 +371,7 @@ pub fn refused(source_id: Option<String>, e: StepError) -> OrderOutcome {
             message: e.to_string(),
         }],
         alerts: Vec::new(),
+        already_stored: false,
         controlled: false,
         schedule: None,
     }

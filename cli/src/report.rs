@@ -36,8 +36,16 @@ pub struct Report {
     pub orders_per_second: f64,
     /// Values sealed and opened, and the share of the run's wall time spent doing it.
     pub encryption: Encryption,
+    /// Events in the data directory's trail after the run.
     pub audit_events: u64,
+    /// Events this run added.
+    pub audit_events_written: u64,
     pub audit_verified: bool,
+    /// Orders an earlier run had already stored in this data directory (not processed again).
+    pub already_stored: u64,
+    /// Advice for the operator, when the figures suggest a mistake.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hint: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub audit_problem: Option<String>,
     pub data_dir: String,
@@ -59,6 +67,7 @@ impl Report {
 
     pub fn add(&mut self, o: OrderOutcome) {
         self.orders_total += 1;
+        self.already_stored += u64::from(o.already_stored);
         *self.by_status.entry(o.status.clone()).or_default() += 1;
         for r in &o.reasons {
             *self.reasons.entry(r.code.clone()).or_default() += 1;
@@ -182,10 +191,17 @@ impl Report {
                 format!("\nNot used by the pipeline: {}", parts.join(", ")),
             );
         }
+        if self.already_stored > 0 {
+            line(&mut s, format!("\n{} order(s) were already in this data directory (an earlier run stored them) and were not processed again; use a new --data-dir to process them afresh", self.already_stored));
+        }
+        if let Some(h) = &self.hint {
+            line(&mut s, format!("\nhint: {h}"));
+        }
         line(
             &mut s,
             format!(
-                "\nAudit trail: {} events, {}",
+                "\nAudit trail: {} events written by this run, {} in the data directory, {}",
+                self.audit_events_written,
                 self.audit_events,
                 if self.audit_verified {
                     "verified intact".to_string()

@@ -21,12 +21,12 @@ pub enum AuditError {
     )]
     UnreadableCheckpoint { number: u64, reason: String },
     /// No event has this id.
-    #[error("no audit event has the id {0}; check the id (search with `rxflow audit search`)")]
+    #[error("no audit event has the id {0}; check the id (find it with `rxflow audit events`)")]
     EventNotFound(String),
     /// The event exists but no checkpoint covers it yet.
     #[error(
         "audit event {event_id} (seq {seq}) is not sealed in a checkpoint yet; run \
-         `rxflow seal` and ask for the proof again"
+         `rxflow audit seal` and ask for the proof again"
     )]
     NotSealed { event_id: String, seq: u64 },
     /// The trail does not match its checkpoints, so no proof can be built from it.

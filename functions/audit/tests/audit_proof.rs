@@ -91,7 +91,7 @@ async fn unsealed_and_unknown_events_say_what_to_do() {
     let id = event_id(&t, 23).await;
     match prove(&t.store, &id).await {
         Err(e @ AuditError::NotSealed { seq: 23, .. }) => {
-            assert!(e.to_string().contains("rxflow seal"))
+            assert!(e.to_string().contains("rxflow audit seal"))
         }
         other => panic!("{other:?}"),
     }

@@ -206,7 +206,31 @@ pub fn review(
     if let Some(a) = high_mme(order, product, &active, cfg) {
         alerts.push(a);
     }
-    alerts
+    merge_duplicate_therapy(alerts)
+}
+
+/// One duplicate-therapy alert per order, however many active orders share the ingredient: the
+/// pharmacist reads one sentence and sees every other order in the evidence.
+fn merge_duplicate_therapy(alerts: Vec<Alert>) -> Vec<Alert> {
+    let (dups, mut out): (Vec<Alert>, Vec<Alert>) = alerts
+        .into_iter()
+        .partition(|a| a.kind == AlertKind::DuplicateTherapy);
+    let mut dups = dups.into_iter();
+    if let Some(mut first) = dups.next() {
+        let mut others = 1;
+        for d in dups {
+            others += 1;
+            first.evidence.extend(d.evidence);
+        }
+        if others > 1 {
+            first.message = format!(
+                "{} ({others} other active orders share an ingredient; each is in the evidence)",
+                first.message
+            );
+        }
+        out.push(first);
+    }
+    out
 }
 
 fn unknown_product(order: &MedicationOrder) -> Alert {
@@ -858,6 +882,37 @@ mod tests {
             alerts[0].evidence[0].reference.as_deref(),
             Some("rx-percocet")
         );
+    }
+
+    #[test]
+    fn several_orders_sharing_an_ingredient_give_one_alert_with_all_evidence() {
+        let a = order(OXY_APAP, Some(2.0));
+        let b = order(OXY_APAP, Some(3.0));
+        let others = [
+            OtherOrder {
+                id: "rx-a",
+                order: &a,
+                last_fill: None,
+            },
+            OtherOrder {
+                id: "rx-b",
+                order: &b,
+                last_fill: None,
+            },
+        ];
+        let alerts = run(&order(TYLENOL, Some(4.0)), &others, &[]);
+        let dups: Vec<_> = alerts
+            .iter()
+            .filter(|a| a.kind == AlertKind::DuplicateTherapy)
+            .collect();
+        assert_eq!(dups.len(), 1, "{alerts:?}");
+        let refs: Vec<_> = dups[0]
+            .evidence
+            .iter()
+            .filter_map(|e| e.reference.as_deref())
+            .collect();
+        assert_eq!(refs, ["rx-a", "rx-b"]);
+        assert!(dups[0].message.contains("2 other active orders"));
     }
 
     fn fill_at(at: DateTime<Utc>, supply: u32) -> Fill {

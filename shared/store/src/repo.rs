@@ -208,7 +208,7 @@ impl Vault {
                     Action::Read,
                     kind,
                     &row.id,
-                    row.index.as_deref(),
+                    patient_of(row.table, row.index.as_deref()),
                     Outcome::Failed,
                 );
                 let _ = self.store.append(&[ev]).await;
@@ -219,7 +219,7 @@ impl Vault {
             Action::Read,
             kind,
             &row.id,
-            row.index.as_deref(),
+            patient_of(row.table, row.index.as_deref()),
             Outcome::Success,
         );
         self.store.append(&[ev]).await?;
@@ -289,7 +289,7 @@ impl Vault {
             Action::Create,
             kind_of(table),
             id,
-            index.as_deref(),
+            patient_of(table, index.as_deref()),
             Outcome::Success,
         );
         let row = Row {
@@ -322,7 +322,7 @@ impl Vault {
             Action::Update,
             kind_of(current.table),
             &current.id,
-            current.index.as_deref(),
+            patient_of(current.table, current.index.as_deref()),
             Outcome::Success,
         );
         let mut row = current.clone();
@@ -367,6 +367,15 @@ pub fn transition(
         at: Utc::now(),
         actor: cx.actor.subject.clone(),
         function: cx.function.to_string(),
+    }
+}
+
+/// The patient an audit event names: a row's blind index is the patient's only in the tables
+/// whose index is a patient's (a prescriber's is their NPI's, a break-glass session's its user's).
+pub fn patient_of(table: Table, index: Option<&[u8]>) -> Option<&[u8]> {
+    match table {
+        Table::Prescriptions | Table::Patients => index,
+        Table::Prescribers | Table::Inputs | Table::BreakGlass => None,
     }
 }
 
