@@ -316,12 +316,103 @@ fn allergy_evidence(a: &Allergy, detail: String) -> Evidence {
     }
 }
 
+/// One row of `data/cross_sensitivity.tsv`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CrossSensitivity {
+    /// An ingredient or class as an allergy names it.
+    pub allergen: String,
+    /// The product class that may cross-react.
+    pub class: String,
+    pub severity: Severity,
+    /// Why, in a clause a pharmacist reads.
+    pub note: String,
+}
+
+const CROSS_SENSITIVITY_TSV: &str = include_str!("../data/cross_sensitivity.tsv");
+
+/// Parses the cross-sensitivity table; `Err` names the line.
+pub fn parse_cross_sensitivity(text: &str) -> Result<Vec<CrossSensitivity>, String> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() || line.starts_with('#') || line.starts_with("allergen\t") {
+            continue;
+        }
+        let f: Vec<&str> = line.split('\t').map(str::trim).collect();
+        let severity = match f.get(2).copied() {
+            Some("low") => Severity::Low,
+            Some("moderate") => Severity::Moderate,
+            Some("high") => Severity::High,
+            _ => {
+                return Err(format!(
+                    "cross_sensitivity.tsv line {}: severity must be low, moderate or high",
+                    i + 1
+                ))
+            }
+        };
+        if f.len() != 4 || f.iter().any(|x| x.is_empty()) {
+            return Err(format!(
+                "cross_sensitivity.tsv line {}: expected 4 cells",
+                i + 1
+            ));
+        }
+        out.push(CrossSensitivity {
+            allergen: f[0].to_lowercase(),
+            class: f[1].to_lowercase(),
+            severity,
+            note: f[3].to_string(),
+        });
+    }
+    Ok(out)
+}
+
+/// The embedded cross-sensitivity table (a test pins that it parses).
+pub fn cross_sensitivities() -> &'static [CrossSensitivity] {
+    static TABLE: std::sync::OnceLock<Vec<CrossSensitivity>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| parse_cross_sensitivity(CROSS_SENSITIVITY_TSV).unwrap_or_default())
+}
+
+/// An allergy that does not name the product's ingredients or classes, but a related one.
+fn cross_match<'t>(
+    term: &str,
+    product: &Product,
+    table: &'t [CrossSensitivity],
+) -> Option<&'t CrossSensitivity> {
+    let singular = term.strip_suffix('s').unwrap_or(term);
+    table.iter().find(|c| {
+        (term == c.allergen || singular == c.allergen || contains_word(term, &c.allergen))
+            && product.has_class(&c.class)
+    })
+}
+
 fn allergy_alerts(product: &Product, allergies: &[Allergy]) -> Vec<Alert> {
     let mut out = Vec::new();
     for a in allergies.iter().filter(|a| allergy_is_current(a)) {
-        let found = allergy_terms(a)
-            .into_iter()
-            .find_map(|t| allergy_match(&t, product).map(|m| (t, m)));
+        let terms = allergy_terms(a);
+        let found = terms
+            .iter()
+            .find_map(|t| allergy_match(t, product).map(|m| (t.clone(), m)));
+        if found.is_none() {
+            if let Some((term, c)) = terms
+                .iter()
+                .find_map(|t| cross_match(t, product, cross_sensitivities()).map(|c| (t, c)))
+            {
+                out.push(Alert {
+                    kind: AlertKind::Allergy,
+                    severity: c.severity,
+                    message: format!(
+                        "The patient has a recorded allergy to {}, and {} is a {}: {}; confirm with the patient or prescriber before dispensing.",
+                        a.substance.trim(),
+                        product.name,
+                        c.class,
+                        c.note
+                    ),
+                    evidence: vec![allergy_evidence(
+                        a,
+                        format!("allergy '{term}' cross-sensitivity with class {}", c.class),
+                    )],
+                });
+            }
+        }
         if let Some((term, what)) = found {
             out.push(Alert {
                 kind: AlertKind::Allergy,
@@ -882,6 +973,26 @@ mod tests {
             alerts[0].evidence[0].reference.as_deref(),
             Some("rx-percocet")
         );
+    }
+
+    #[test]
+    fn cross_sensitivity_table_parses() {
+        let t = parse_cross_sensitivity(CROSS_SENSITIVITY_TSV).expect("parses");
+        assert!(t
+            .iter()
+            .any(|c| c.allergen == "aspirin" && c.class == "nsaid"));
+        assert_eq!(cross_sensitivities().len(), t.len());
+        assert!(parse_cross_sensitivity("aspirin\tnsaid\tsevere\tx").is_err());
+    }
+
+    #[test]
+    fn aspirin_allergy_flags_another_nsaid_as_cross_sensitivity() {
+        let alerts = run(&order(IBUPROFEN_400, Some(3.0)), &[], &[allergy("Aspirin")]);
+        assert_eq!(kinds(&alerts), [(AlertKind::Allergy, Severity::Moderate)]);
+        assert!(alerts[0].message.contains("nsaid"), "{}", alerts[0].message);
+        // aspirin itself is the direct, high allergy
+        let direct = run(&order(ASPIRIN_81, Some(1.0)), &[], &[allergy("Aspirin")]);
+        assert_eq!(kinds(&direct), [(AlertKind::Allergy, Severity::High)]);
     }
 
     #[test]
