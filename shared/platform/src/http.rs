@@ -67,6 +67,7 @@ pub struct Limits {
     /// A request still running after this answers 504.
     pub request_timeout: Duration,
     /// Requests in progress at once; more answer 503 with `Retry-After` (fail fast, not queue).
+    /// Each holds a blocking-pool thread while it runs.
     pub max_in_flight: usize,
 }
 
@@ -75,7 +76,7 @@ impl Default for Limits {
         Limits {
             max_body_bytes: 1024 * 1024,
             request_timeout: Duration::from_secs(10),
-            max_in_flight: 1024,
+            max_in_flight: 256,
         }
     }
 }
@@ -533,6 +534,29 @@ async fn shed_load(State(slots): State<Arc<Semaphore>>, req: Request, next: Next
     }
 }
 
+/// Runs the rest of the request (extractors, handler) on the blocking pool. The embedded store
+/// does its SQLite work synchronously behind a lock inside its async methods; on a runtime
+/// worker that would stall every connection the worker serves while it waits for the lock (at
+/// 1,000 requests/s on two cores: 560 answered, p50 30 ms). On a blocking thread only this
+/// request waits, and the workers keep accepting and reading. Bounded by `max_in_flight`.
+async fn off_the_reactor(req: Request, next: Next) -> Response {
+    use tracing::Instrument;
+    let rt = tokio::runtime::Handle::current();
+    // Keep the request's span (route, request id) on what the handler logs.
+    let span = Span::current();
+    match tokio::task::spawn_blocking(move || rt.block_on(next.run(req).instrument(span))).await {
+        Ok(res) => res,
+        Err(_) => {
+            tracing::error!("a request task failed");
+            outcome(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "exception",
+                "the request failed inside the service; the incident is logged",
+            )
+        }
+    }
+}
+
 fn panic_response(_payload: Box<dyn std::any::Any + Send + 'static>) -> Response<Body> {
     // The payload may quote data; it is not logged.
     tracing::error!("a request handler panicked");
@@ -578,7 +602,8 @@ fn log_response<B>(res: &axum::http::Response<B>, latency: Duration, _span: &Spa
 
 /// Wraps `router` in the shared stack, outermost first: request-id hygiene and generation,
 /// tracing, request-id propagation, OperationOutcome for bare errors, load shedding, timeout
-/// (504), body limit (413), panic catching (500); and the 404 fallback.
+/// (504), body limit (413), the move to the blocking pool, panic catching (500); and the 404
+/// fallback.
 pub fn with_layers(router: Router, limits: &Limits) -> Router {
     let slots = Arc::new(Semaphore::new(limits.max_in_flight));
     // `Router::layer` wraps what is there already: the last call is the outermost layer.
@@ -586,6 +611,7 @@ pub fn with_layers(router: Router, limits: &Limits) -> Router {
         .fallback(unknown_route)
         .layer(DefaultBodyLimit::max(limits.max_body_bytes))
         .layer(CatchPanicLayer::custom(panic_response))
+        .layer(middleware::from_fn(off_the_reactor))
         .layer(RequestBodyLimitLayer::new(limits.max_body_bytes))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::GATEWAY_TIMEOUT,
