@@ -5,7 +5,10 @@
 //! are written in one commit with their audit events.
 
 use rx_domain::fhir::medication_dispense;
-use rx_domain::validate::{check_fill, next_refill_number};
+use rx_domain::validate::{
+    check_fill, check_fill_days_supply, check_fill_quantity, next_refill_number, MIN_QUANTITY,
+};
+use rx_domain::Reason;
 use rx_domain::{Fill, PatientRecord, PrescriptionRecord, Status, Transition};
 use rx_guard::access::{Action, Principal};
 use rx_platform::event::PipelineEvent;
@@ -69,7 +72,7 @@ pub async fn handle(
     }
     let now = svc.clock.now();
     // The rule that refuses another fill says why better than the status does.
-    check_fill(&rx.record, svc.drugs, &svc.rules, now)
+    check_fill(&rx.record, svc.drugs, &svc.rules, &svc.dur, now)
         .map_err(|r| StepError::Refused(r.message))?;
     if rx.status == Status::Dispensed {
         return Err(not_dispensable(rx.id(), rx.status));
@@ -132,19 +135,9 @@ fn next_fill(
             })
         }
     };
-    if !(quantity.is_finite() && quantity > 0.0) {
-        return Err(StepError::Invalid {
-            code: "value",
-            message: "the quantity to dispense must be a positive number".into(),
-            expression: Some("quantity".into()),
-        });
-    }
-    if req.days_supply == Some(0) {
-        return Err(StepError::Invalid {
-            code: "value",
-            message: "the days supply must be at least one day".into(),
-            expression: Some("daysSupply".into()),
-        });
+    check_fill_quantity(quantity).map_err(|r| invalid(r, "quantity"))?;
+    if let Some(d) = req.days_supply {
+        check_fill_days_supply(d).map_err(|r| invalid(r, "daysSupply"))?;
     }
     if let Some(r) = remaining {
         if quantity > r + EPSILON {
@@ -154,7 +147,8 @@ fn next_fill(
             )));
         }
     }
-    let partial = remaining.is_some_and(|r| quantity < r - EPSILON);
+    // A fill that leaves less than can be dispensed completes it (the rest could never be).
+    let partial = remaining.is_some_and(|r| r - quantity >= MIN_QUANTITY);
     let days_supply = req
         .days_supply
         .or(match (record.order.days_supply, per_fill) {
@@ -173,6 +167,15 @@ fn next_fill(
         refill_number,
         partial,
     })
+}
+
+/// A request value the rules refuse, as a FHIR `value` issue on `field`.
+fn invalid(reason: Reason, field: &str) -> StepError {
+    StepError::Invalid {
+        code: "value",
+        message: reason.message,
+        expression: Some(field.into()),
+    }
 }
 
 /// The patient's file with this fill as the order's last fill, ready for the same commit.

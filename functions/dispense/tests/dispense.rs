@@ -4,10 +4,13 @@
 #[path = "../../verify/tests/support/mod.rs"]
 mod support;
 
+use std::sync::Arc;
+
+use chrono::{Duration, Utc};
 use rx_domain::{AlertKind, Status};
 use rx_fn_dispense::{handle, DispenseRequest};
 use rx_guard::audit::Action;
-use rx_platform::{EventKind, StepError};
+use rx_platform::{EventKind, ManualClock, StepError};
 use serde_json::json;
 use support::*;
 
@@ -17,6 +20,14 @@ fn request(v: serde_json::Value) -> DispenseRequest {
 
 fn rph() -> rx_guard::access::Principal {
     pharmacist("rph-dispenser", true)
+}
+
+/// A deployment whose business time the test moves (to let a supply run down).
+fn open_with_clock() -> (Deployment, Arc<ManualClock>) {
+    let mut d = open();
+    let clock = Arc::new(ManualClock::new(Utc::now()));
+    d.svc.clock = clock.clone();
+    (d, clock)
 }
 
 async fn ready(d: &Deployment, order: &Order) -> String {
@@ -88,7 +99,7 @@ async fn a_schedule_ii_order_is_not_refilled() {
 
 #[tokio::test]
 async fn refills_are_dispensed_until_none_remain() {
-    let d = open();
+    let (d, clock) = open_with_clock();
     let rx = ready(&d, &Order::lisinopril().refills(1)).await;
 
     let first = handle(&d.svc, &rph(), None, &rx, &DispenseRequest::default())
@@ -97,6 +108,8 @@ async fn refills_are_dispensed_until_none_remain() {
     assert_eq!(first.status, Status::PartiallyDispensed, "a refill remains");
     assert_eq!(first.dispense["type"]["coding"][0]["code"], "FF");
 
+    // 23 days into the 30-day supply: more than 75% used, the refill is due.
+    clock.set(Utc::now() + Duration::days(23));
     let refill = handle(&d.svc, &rph(), None, &rx, &DispenseRequest::default())
         .await
         .expect("refill");
@@ -141,6 +154,125 @@ async fn a_quantity_above_what_remains_of_the_fill_is_refused() {
             .expect_err("not positive");
         assert!(matches!(err, StepError::Invalid { .. }), "{err:?}");
     }
+}
+
+#[tokio::test]
+async fn a_refill_before_75_percent_of_the_supply_is_used_is_refused() {
+    let (d, clock) = open_with_clock();
+    let start = Utc::now();
+    let rx = ready(&d, &Order::lisinopril().refills(2)).await;
+    handle(&d.svc, &rph(), None, &rx, &DispenseRequest::default())
+        .await
+        .expect("first fill");
+    let version = load(&d, &rx).await.row.version;
+
+    // The tester's case: the next full 30-day fill a second later, and again 22 days on.
+    for later in [Duration::seconds(1), Duration::days(22)] {
+        clock.set(start + later);
+        let err = handle(&d.svc, &rph(), None, &rx, &DispenseRequest::default())
+            .await
+            .expect_err("refill too soon");
+        assert!(
+            matches!(&err, StepError::Refused(m) if m.contains("30-day supply") && m.contains("75%")),
+            "{err:?}"
+        );
+    }
+    assert_eq!(load(&d, &rx).await.row.version, version, "nothing written");
+    assert_eq!(stored(&d, &rx).await.fills.len(), 1);
+
+    clock.set(start + Duration::days(23));
+    let refill = handle(&d.svc, &rph(), None, &rx, &DispenseRequest::default())
+        .await
+        .expect("refill once 75% is used");
+    assert_eq!(refill.dispense["type"]["coding"][0]["code"], "RF");
+}
+
+#[tokio::test]
+async fn a_partial_fill_is_completed_at_once_and_the_refill_waits() {
+    let (d, clock) = open_with_clock();
+    let start = Utc::now();
+    let rx = ready(&d, &Order::lisinopril().refills(1)).await;
+    handle(&d.svc, &rph(), None, &rx, &request(json!({"quantity": 10})))
+        .await
+        .expect("part fill");
+
+    // Completing the fill is not a refill.
+    clock.set(start + Duration::seconds(1));
+    let rest = handle(&d.svc, &rph(), None, &rx, &DispenseRequest::default())
+        .await
+        .expect("rest of the fill");
+    assert_eq!(rest.dispense["quantity"]["value"], 20.0);
+
+    let err = handle(&d.svc, &rph(), None, &rx, &DispenseRequest::default())
+        .await
+        .expect_err("refill too soon");
+    assert!(
+        matches!(&err, StepError::Refused(m) if m.contains("refill 1")),
+        "{err:?}"
+    );
+    assert_eq!(stored(&d, &rx).await.fills.len(), 2);
+}
+
+#[tokio::test]
+async fn a_quantity_too_small_to_measure_is_refused() {
+    let d = open();
+    let rx = ready(&d, &Order::lisinopril()).await;
+    let version = load(&d, &rx).await.row.version;
+
+    for q in [1e-320, 0.0005] {
+        let err = handle(
+            &d.svc,
+            &rph(),
+            None,
+            &rx,
+            &request(json!({ "quantity": q })),
+        )
+        .await
+        .expect_err("too small");
+        assert!(
+            matches!(&err, StepError::Invalid { message, expression, .. }
+                if message.contains("0.001") && expression.as_deref() == Some("quantity")),
+            "{q}: {err:?}"
+        );
+    }
+    let err = handle(
+        &d.svc,
+        &rph(),
+        None,
+        &rx,
+        &request(json!({"daysSupply": 100_000})),
+    )
+    .await
+    .expect_err("more than a year");
+    assert!(
+        matches!(&err, StepError::Invalid { expression, .. } if expression.as_deref() == Some("daysSupply")),
+        "{err:?}"
+    );
+    assert_eq!(load(&d, &rx).await.row.version, version, "nothing written");
+    assert!(stored(&d, &rx).await.fills.is_empty());
+}
+
+#[tokio::test]
+async fn a_fill_leaving_less_than_can_be_measured_completes_the_fill() {
+    let d = open();
+    let rx = ready(&d, &Order::lisinopril()).await;
+
+    let out = handle(
+        &d.svc,
+        &rph(),
+        None,
+        &rx,
+        &request(json!({"quantity": 29.9995})),
+    )
+    .await
+    .expect("fill");
+
+    assert_eq!(
+        out.status,
+        Status::Dispensed,
+        "no unfillable remnant is left open"
+    );
+    assert_eq!(out.dispense["type"]["coding"][0]["code"], "FF");
 }
 
 #[tokio::test]

@@ -1,15 +1,22 @@
 //! Validation: is this a prescription a pharmacy may act on? Prescriber (NPI, DEA), patient,
-//! drug, quantity, refills, expiry and the controlled-substance rules of 21 CFR 1306.
+//! drug, quantity, refills, expiry and the controlled-substance rules of 21 CFR 1306; at dispense,
+//! whether one more fill is allowed now ([`check_fill`]) and of what ([`check_fill_quantity`],
+//! [`check_fill_days_supply`]).
+//!
+//! Impossible values (a quantity no fill holds, a date written in the future) are rejected: the
+//! prescriber must send a corrected prescription. Missing or unusable values (a zero quantity)
+//! need clarification: the pharmacist asks the prescriber what was meant.
 //!
 //! Every reason has a stable kebab-case code and a sentence that says why. The sentences name
 //! no patient, no prescriber and no drug (only the schedule), so they are safe in reports.
 
 use crate::drugs::{DrugTable, Product, Schedule};
+use crate::dur::DurConfig;
 use crate::ids::{normalize_ndc, npi_check, parse_dea};
 use crate::{
-    MedicationOrder, PrescriberRecord, PrescriberRef, PrescriptionRecord, Reason, Validation,
+    Fill, MedicationOrder, PrescriberRecord, PrescriberRef, PrescriptionRecord, Reason, Validation,
 };
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Duration, NaiveDate, Utc};
 
 /// Configurable limits.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,6 +40,31 @@ impl Default for Rules {
 
 /// Schedule III–IV: at most five refills (21 CFR 1306.22(a)).
 pub const MAX_REFILLS_III_IV: u32 = 5;
+
+/// Any other order: at most 99 refills, the most NCPDP SCRIPT's two-digit refills field can
+/// carry; a larger numberOfRepeatsAllowed cannot have come from a prescriber's system.
+pub const MAX_REFILLS: u32 = 99;
+
+/// The most units one fill may hold. The largest stock bottles hold 1,000 tablets, and a 90-day
+/// supply at the highest daily counts, or litres of oral solution counted in mL, stays well
+/// below this; a larger quantity is a keying or unit error, never a prescription.
+pub const MAX_QUANTITY_PER_FILL: f64 = 10_000.0;
+
+/// The least amount worth dispensing: a thousandth of a unit (0.001 mL) is the finest a syringe
+/// or pharmacy balance measures. Less is a rounding remnant, not a dose.
+pub const MIN_QUANTITY: f64 = 0.001;
+
+/// The longest days supply one fill may cover: a year, the longest any prescription stays valid
+/// (non-controlled orders expire a year after they are written).
+pub const MAX_DAYS_SUPPLY: u32 = 365;
+
+/// How far after now a written date may lie before it counts as dated in the future: the
+/// prescriber's clock and time zone may differ from ours by up to a day.
+pub const WRITTEN_DATE_SKEW: Duration = Duration::days(1);
+
+/// No prescription still on file was written before this year: an older date is a placeholder
+/// (0001-01-01) or a typo, not the date the prescriber signed.
+pub const EARLIEST_WRITTEN_YEAR: i32 = 1900;
 
 /// FHIR MedicationRequest intents that are orders a pharmacy may fill.
 const ORDER_INTENTS: [&str; 5] = [
@@ -150,15 +182,25 @@ pub fn validate(
     // Prescriber.
     check_prescriber(order, prescriber, schedule, &mut reject);
 
-    // Quantity, days supply, written date, refills: controlled-substance rules.
-    if let Some(q) = order.quantity {
-        if !q.is_finite() || q <= 0.0 {
-            clarify.push(Reason::new(
-                "quantity-invalid",
-                "The quantity to dispense is zero or negative; ask the prescriber for the intended quantity.",
-            ));
-        }
+    // Quantity, days supply, refills and written date: values a prescription can carry.
+    reject.extend(implausible_values(order, schedule, now));
+    if order
+        .quantity
+        .is_some_and(|q| q.is_nan() || q < MIN_QUANTITY)
+    {
+        clarify.push(Reason::new(
+            "quantity-invalid",
+            format!("The quantity to dispense is zero, negative or less than {MIN_QUANTITY} of a unit; ask the prescriber for the intended quantity."),
+        ));
     }
+    if order.days_supply == Some(0) {
+        clarify.push(Reason::new(
+            "days-supply-invalid",
+            "The order's days supply is zero days; ask the prescriber how many days the quantity should last.",
+        ));
+    }
+
+    // Controlled-substance rules.
     if let Some(s) = schedule {
         let phrase = schedule_phrase(s);
         if order.quantity.is_none() {
@@ -274,6 +316,65 @@ fn check_prescriber(
     }
 }
 
+/// Values no real prescription carries: a quantity above what any fill holds, more refills than
+/// NCPDP SCRIPT can send (schedule II–IV have their own, tighter limits), a days supply over a
+/// year, and a written date in the future or before [`EARLIEST_WRITTEN_YEAR`]. Validation rejects
+/// them; [`check_fill`] refuses them again for an order stored before these rules.
+fn implausible_values(
+    order: &MedicationOrder,
+    schedule: Option<Schedule>,
+    now: DateTime<Utc>,
+) -> Vec<Reason> {
+    let mut out = Vec::new();
+    if order.quantity.is_some_and(|q| q > MAX_QUANTITY_PER_FILL) {
+        out.push(Reason::new(
+            "quantity-implausible",
+            format!("The order's quantity per fill is more than {MAX_QUANTITY_PER_FILL} units, more than any single fill holds; the prescriber must send a corrected prescription."),
+        ));
+    }
+    let refills = order.refills.unwrap_or(0);
+    let own_limit = matches!(schedule, Some(Schedule::II | Schedule::III | Schedule::IV));
+    if !own_limit && refills > MAX_REFILLS {
+        out.push(Reason::new(
+            "refills-exceed-limit",
+            format!("The order allows {refills} refills, but a prescription may allow at most {MAX_REFILLS} (the NCPDP SCRIPT limit); the prescriber must send a corrected prescription."),
+        ));
+    }
+    if let Some(d) = order.days_supply.filter(|&d| d > MAX_DAYS_SUPPLY) {
+        out.push(Reason::new(
+            "days-supply-implausible",
+            format!("The order's days supply is {d} days, more than the {MAX_DAYS_SUPPLY} days any one fill may cover; the prescriber must send a corrected prescription."),
+        ));
+    }
+    out.extend(written_date(order, now));
+    out
+}
+
+/// A written date in the future (beyond [`WRITTEN_DATE_SKEW`]) or before
+/// [`EARLIEST_WRITTEN_YEAR`]. The sentences give no date: the date an order was written is PHI.
+fn written_date(order: &MedicationOrder, now: DateTime<Utc>) -> Option<Reason> {
+    let written = order.authored_on?;
+    if now
+        .checked_add_signed(WRITTEN_DATE_SKEW)
+        .is_some_and(|latest| written > latest)
+    {
+        return Some(Reason::new(
+            "written-date-in-future",
+            "The prescription is dated more than a day in the future; a prescription carries the date it was signed and may not be postdated, so the prescriber must send a corrected prescription.",
+        ));
+    }
+    let earliest = NaiveDate::from_ymd_opt(EARLIEST_WRITTEN_YEAR, 1, 1)
+        .and_then(|d| d.and_hms_opt(0, 0, 0))
+        .map(|d| d.and_utc());
+    if earliest.is_some_and(|e| written < e) {
+        return Some(Reason::new(
+            "written-date-implausible",
+            format!("The prescription's date written is before {EARLIEST_WRITTEN_YEAR}, which cannot be the date it was signed; the prescriber must send a corrected prescription."),
+        ));
+    }
+    None
+}
+
 fn days(n: u32) -> Duration {
     Duration::days(i64::from(n))
 }
@@ -332,11 +433,14 @@ pub fn next_refill_number(record: &PrescriptionRecord) -> u32 {
 
 /// Checks at dispense time whether one more fill is allowed at `now`: schedule II never refilled;
 /// schedule III–IV at most five refills and nothing more than six months after the written date;
-/// non-controlled expiry; refills remaining on the order.
+/// non-controlled expiry; no implausible order values; refills remaining on the order; and no
+/// refill before `dur.early_refill_threshold` of the previous fill's supply is used (the share
+/// early-refill DUR uses).
 pub fn check_fill(
     record: &PrescriptionRecord,
     drugs: &DrugTable,
     rules: &Rules,
+    dur: &DurConfig,
     now: DateTime<Utc>,
 ) -> Result<(), Reason> {
     let order = &record.order;
@@ -351,7 +455,11 @@ pub fn check_fill(
     if let Some(reason) = expiry(order, product, rules, now) {
         return Err(reason);
     }
-    match product.and_then(|p| p.schedule) {
+    let schedule = product.and_then(|p| p.schedule);
+    if let Some(reason) = implausible_values(order, schedule, now).into_iter().next() {
+        return Err(reason);
+    }
+    match schedule {
         Some(Schedule::II) if next > 0 => {
             return Err(Reason::new(
                 "schedule-ii-refills",
@@ -377,6 +485,116 @@ pub fn check_fill(
             } else {
                 format!("All {allowed} refill(s) the prescriber allowed have been dispensed; the prescriber must issue a new prescription.")
             },
+        ));
+    }
+    match refill_too_soon(record, next, dur, now) {
+        Some(reason) => Err(reason),
+        None => Ok(()),
+    }
+}
+
+/// Fill `next` as a refill before `dur.early_refill_threshold` of the previous fill's supply is
+/// used. Completing a partial fill is not a refill. The previous fill's supply runs from its first
+/// part for the days its parts cover (a part dispensed after the earlier parts ran out starts
+/// anew); with no days supply on the fills or the order, DUR's default active days.
+fn refill_too_soon(
+    record: &PrescriptionRecord,
+    next: u32,
+    dur: &DurConfig,
+    now: DateTime<Utc>,
+) -> Option<Reason> {
+    let previous = next.checked_sub(1)?;
+    if record.fills.iter().any(|f| f.refill_number == next) {
+        return None;
+    }
+    let mut parts: Vec<&Fill> = record
+        .fills
+        .iter()
+        .filter(|f| f.refill_number == previous)
+        .collect();
+    parts.sort_by_key(|f| f.at);
+    let first = parts.first()?;
+    let stated: u32 = parts
+        .iter()
+        .filter_map(|f| f.days_supply)
+        .fold(0, u32::saturating_add);
+    let supply = match stated {
+        0 => record.order.days_supply.unwrap_or(dur.default_active_days),
+        s => s,
+    }
+    .max(1);
+    let minutes = |d: f64| Duration::minutes((d * 24.0 * 60.0).round() as i64);
+    // When the supply on hand runs out: each part adds its days from the later of its dispense
+    // and the end of what was on hand. `None` beyond the calendar: never due.
+    let runs_out = match stated {
+        0 => first.at.checked_add_signed(days(supply)),
+        _ => parts.iter().try_fold(first.at, |end, f| {
+            end.max(f.at)
+                .checked_add_signed(days(f.days_supply.unwrap_or(0)))
+        }),
+    };
+    let start = runs_out.and_then(|end| end.checked_sub_signed(days(supply)));
+    let due = start.and_then(|s| {
+        s.checked_add_signed(minutes(f64::from(supply) * dur.early_refill_threshold))
+    });
+    if due.is_some_and(|due| now >= due) {
+        return None;
+    }
+    let used = start.map_or(0.0, |s| {
+        ((now - s).num_minutes() as f64 / (f64::from(supply) * 24.0 * 60.0)).max(0.0)
+    });
+    let wait = due.map_or(String::new(), |due| {
+        let days = ((due - now).num_minutes() as f64 / (24.0 * 60.0))
+            .ceil()
+            .max(1.0);
+        format!(" It is due in {days} day(s).")
+    });
+    Some(Reason::new(
+        "refill-too-soon",
+        format!(
+            "This would be refill {next}, but only {:.0}% of the previous fill's {supply}-day supply has been used; a refill may be dispensed once {:.0}% of it is used.{wait} If the patient needs more sooner, confirm with the prescriber.",
+            (used * 100.0).floor(),
+            dur.early_refill_threshold * 100.0
+        ),
+    ))
+}
+
+/// Checks the quantity of one fill: a finite number of units from [`MIN_QUANTITY`] to
+/// [`MAX_QUANTITY_PER_FILL`].
+pub fn check_fill_quantity(quantity: f64) -> Result<(), Reason> {
+    if !quantity.is_finite() || quantity <= 0.0 {
+        return Err(Reason::new(
+            "quantity-invalid",
+            "The quantity to dispense must be a positive number of units.",
+        ));
+    }
+    if quantity < MIN_QUANTITY {
+        return Err(Reason::new(
+            "quantity-too-small",
+            format!("The quantity to dispense is less than {MIN_QUANTITY} of a unit, less than can be measured out; enter the amount actually dispensed."),
+        ));
+    }
+    if quantity > MAX_QUANTITY_PER_FILL {
+        return Err(Reason::new(
+            "quantity-implausible",
+            format!("The quantity to dispense is more than {MAX_QUANTITY_PER_FILL} units, more than any single fill holds; enter the amount actually dispensed."),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks the days supply of one fill: from one day to [`MAX_DAYS_SUPPLY`].
+pub fn check_fill_days_supply(days: u32) -> Result<(), Reason> {
+    if days == 0 {
+        return Err(Reason::new(
+            "days-supply-invalid",
+            "The days supply of a fill must be at least one day.",
+        ));
+    }
+    if days > MAX_DAYS_SUPPLY {
+        return Err(Reason::new(
+            "days-supply-implausible",
+            format!("The days supply of a fill is {days} days, more than the {MAX_DAYS_SUPPLY} days any one fill may cover."),
         ));
     }
     Ok(())
@@ -762,6 +980,7 @@ mod tests {
             r,
             DrugTable::embedded(),
             &Rules::default(),
+            &DurConfig::default(),
             t0() + Duration::days(days_after),
         )
         .map_err(|e| e.code)
