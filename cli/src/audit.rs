@@ -10,6 +10,7 @@ use std::path::Path;
 use rx_fn_audit::{AuditError, TrailReport};
 use rx_guard::merkle::Checkpoint;
 use rx_platform::services::{DataDir, Embedded};
+use rx_store::RecordStore;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuditCmdError {
@@ -17,10 +18,27 @@ pub enum AuditCmdError {
     Audit(#[from] AuditError),
     #[error(transparent)]
     Seal(#[from] rx_fn_seal::SealError),
+    #[error(
+        "the audit signing key {0} is missing but the trail has checkpoints signed with it; \
+         restore the key file (a new key would leave the trail unverifiable)"
+    )]
+    SigningKeyMissing(String),
 }
 
-/// Seal the events since the last checkpoint; `None` when there were none.
+/// Seal the events since the last checkpoint; `None` when there were none. Refuses to make a
+/// new signing key for a trail whose checkpoints were signed with one that is now missing.
 pub async fn seal(emb: &Embedded) -> Result<Option<Checkpoint>, AuditCmdError> {
+    let key = DataDir(&emb.data_dir).audit_signing_key();
+    if !key.exists()
+        && !emb
+            .store
+            .checkpoints()
+            .await
+            .map_err(AuditError::from)?
+            .is_empty()
+    {
+        return Err(AuditCmdError::SigningKeyMissing(key.display().to_string()));
+    }
     let signer = rx_fn_seal::local_signer(&emb.data_dir)?;
     Ok(rx_fn_seal::seal(emb.store.as_ref(), &signer).await?)
 }

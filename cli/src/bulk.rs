@@ -48,6 +48,13 @@ impl BadLine {
     }
 }
 
+/// An order as read, with its line (kept for follow-up should intake refuse it).
+pub struct OrderLine {
+    pub order: MedicationOrder,
+    /// The line it came from; `error` is empty until something refuses it.
+    pub bad: BadLine,
+}
+
 /// Where one order is in the export.
 #[derive(Debug, Clone, Copy)]
 struct OrderAt {
@@ -74,11 +81,12 @@ pub struct Export {
     pub skipped: Vec<(String, u64)>,
 }
 
-/// One line of a file with its position.
+/// One line of a file with its position; `Err` holds a line that is not UTF-8 (lossily decoded,
+/// to be kept for follow-up).
 struct Line {
     offset: u64,
     number: u64,
-    text: String,
+    text: Result<String, String>,
 }
 
 fn lines(
@@ -102,8 +110,11 @@ fn lines(
         number += 1;
         let start = offset;
         offset += n as u64;
-        let text = String::from_utf8_lossy(&buf).trim().to_string();
-        if text.is_empty() {
+        let text = match std::str::from_utf8(&buf) {
+            Ok(t) => Ok(t.trim().to_string()),
+            Err(_) => Err(String::from_utf8_lossy(&buf).trim().to_string()),
+        };
+        if text.as_ref().is_ok_and(|t| t.is_empty()) {
             continue;
         }
         each(Line {
@@ -122,10 +133,11 @@ fn ndjson_files(dir: &Path) -> Result<Vec<PathBuf>, BulkError> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(folder_err)?
         .filter_map(|e| e.ok().map(|e| e.path()))
+        // Anything named *.ndjson is read: one that is not a readable file (a folder, a broken
+        // link) stops the run with its name rather than being passed over.
         .filter(|p| {
-            p.is_file()
-                && p.extension()
-                    .is_some_and(|x| x.eq_ignore_ascii_case("ndjson"))
+            p.extension()
+                .is_some_and(|x| x.eq_ignore_ascii_case("ndjson"))
         })
         .collect();
     files.sort();
@@ -148,24 +160,41 @@ impl Export {
         for (fi, path) in files.iter().enumerate() {
             let name = file_name(path);
             lines(path, |l| {
-                match fhir::parse_json(&l.text) {
+                let mut refuse = |raw: String, error: String| {
+                    bad(BadLine {
+                        file: name.clone(),
+                        line: l.number,
+                        raw,
+                        error,
+                    })
+                };
+                let text = match l.text {
+                    Ok(t) => t,
+                    Err(raw) => {
+                        refuse(raw, "is not valid UTF-8: FHIR NDJSON is UTF-8 text".into());
+                        return Ok(());
+                    }
+                };
+                match fhir::parse_json(&text) {
                     Ok(Resource::MedicationRequest(o)) => orders.push(OrderAt {
                         authored_on: o.authored_on,
                         file: fi as u32,
                         offset: l.offset,
                         line: l.number,
                     }),
+                    // A Bundle's orders would be lost if it were passed over as unused.
+                    Ok(Resource::Other(kind)) if kind == "Bundle" => refuse(
+                        text,
+                        "is a Bundle: a bulk export holds one resource per line; export the \
+                         Bundle's entries as lines, or POST the Bundle to /prescriptions"
+                            .into(),
+                    ),
                     Ok(Resource::Other(kind)) => *skipped.entry(kind).or_default() += 1,
                     Ok(_) => directory.push(LineAt {
                         file: fi as u32,
                         offset: l.offset,
                     }),
-                    Err(e) => bad(BadLine {
-                        file: name.clone(),
-                        line: l.number,
-                        raw: l.text,
-                        error: e.to_string(),
-                    }),
+                    Err(e) => refuse(text, e.to_string()),
                 }
                 Ok(())
             })?;
@@ -199,14 +228,22 @@ impl Export {
     /// Second pass: the orders in `authoredOn` order.
     pub fn orders(
         &self,
-    ) -> impl Iterator<Item = Result<Result<MedicationOrder, BadLine>, BulkError>> + '_ {
+    ) -> impl Iterator<Item = Result<Result<OrderLine, BadLine>, BulkError>> + '_ {
         let mut reader = Reader::default();
         self.orders.iter().map(move |at| {
             let text = reader.line(&self.files, at.file, at.offset)?;
             let path = &self.files[at.file as usize];
             Ok(fhir::parse_json(text.trim())
                 .and_then(|r| match r {
-                    Resource::MedicationRequest(o) => Ok(o),
+                    Resource::MedicationRequest(order) => Ok(OrderLine {
+                        order,
+                        bad: BadLine {
+                            file: file_name(path),
+                            line: at.line,
+                            raw: text.trim().to_string(),
+                            error: String::new(),
+                        },
+                    }),
                     _ => Err(FhirError {
                         path: "resource.resourceType".into(),
                         message: "changed while the export was being read".into(),

@@ -35,6 +35,8 @@ pub enum CommandError {
 /// How a command ended, for the exit code.
 pub enum Ended {
     Clean,
+    /// Finished, but the audit trail does not verify (exit 1).
+    AuditBroken,
     /// Finished, but some input could not be used (exit 2).
     WithInputErrors,
 }
@@ -127,12 +129,15 @@ pub async fn run(input: &Path, replay: bool, opts: RunOptions) -> Result<Ended, 
     for r in export.directory() {
         register(&p, r?).await?;
     }
+    // The directory is durable before any order is judged against it.
+    p.flush()?;
     report.skipped_resources = export.skipped.iter().cloned().collect();
 
     let bar = progress(export.order_count() as u64, opts.json);
     for item in export.orders() {
         match item? {
-            Ok(mut order) => {
+            Ok(line) => {
+                let mut order = line.order;
                 if replay {
                     if let Some(at) = order.authored_on {
                         p.set_time(at);
@@ -147,6 +152,16 @@ pub async fn run(input: &Path, replay: bool, opts: RunOptions) -> Result<Ended, 
                     Err(e) if e.is_transient() => return Err(e.into()),
                     Err(e) => refused(source_id, e),
                 };
+                if outcome.rx_id.is_none() {
+                    // Intake refused it: say where, and keep the line.
+                    let mut bad = line.bad;
+                    bad.error = outcome
+                        .reasons
+                        .first()
+                        .map(|r| r.message.clone())
+                        .unwrap_or_default();
+                    quarantine(&p, &bad, &mut report).await?;
+                }
                 report.add(outcome);
             }
             Err(bad) => quarantine(&p, &bad, &mut report).await?,
@@ -206,6 +221,7 @@ pub async fn demo(seed: u64, orders: usize, opts: RunOptions) -> Result<Ended, C
         let r = fhir::parse_resource(v).map_err(StepError::from)?;
         register(&p, r).await?;
     }
+    p.flush()?;
     let bar = progress(orders as u64, opts.json);
     for v in synth::orders(&cfg, &cohort) {
         let order = fhir::parse_medication_request(&v).map_err(StepError::from)?;
@@ -307,7 +323,9 @@ async fn finish(
     } else {
         out.write_all(report.human().as_bytes())?;
     }
-    Ok(if report.input_errors > 0 {
+    Ok(if !report.audit_verified {
+        Ended::AuditBroken
+    } else if report.input_errors > 0 {
         Ended::WithInputErrors
     } else {
         Ended::Clean

@@ -212,6 +212,7 @@ fn ended(e: Ended) -> ExitCode {
     match e {
         Ended::Clean => ExitCode::SUCCESS,
         Ended::WithInputErrors => ExitCode::from(2),
+        Ended::AuditBroken => ExitCode::FAILURE,
     }
 }
 

@@ -27,14 +27,19 @@ fn export(dir: &Path) {
         // no resourceType
         r#"{"id":"mr-3","status":"active"}"#.to_string(),
         order("mr-4"),
+        // the same id as mr-1 with other content: not a redelivery
+        order("mr-1").replace("197361", "314076"),
+        // a Bundle on one line: its order would be lost if passed over
+        format!(r#"{{"resourceType":"Bundle","type":"collection","entry":[{{"resource":{}}}]}}"#, order("mr-6")),
         // an order whose subject is missing
         r#"{"resourceType":"MedicationRequest","id":"mr-5","status":"active","intent":"order","authoredOn":"2025-02-01T11:00:00Z"}"#.to_string(),
     ];
-    std::fs::write(
-        dir.join("MedicationRequest.ndjson"),
-        lines.join("\n") + "\n",
-    )
-    .unwrap();
+    let mut bytes = (lines.join("\n") + "\n").into_bytes();
+    // a line that is not UTF-8
+    bytes.extend_from_slice(
+        b"{\"resourceType\":\"MedicationRequest\",\"id\":\"mr-7\",\"note\":\"\xff\xfe\"}\n",
+    );
+    std::fs::write(dir.join("MedicationRequest.ndjson"), bytes).unwrap();
     std::fs::write(
         dir.join("Basic.ndjson"),
         "{\"resourceType\":\"Basic\",\"id\":\"b1\"}\n",
@@ -64,6 +69,14 @@ fn malformed_lines_are_named_kept_and_the_run_goes_on() {
     );
     assert!(err.contains("MedicationRequest.ndjson:2"), "{err}");
     assert!(err.contains("MedicationRequest.ndjson:3"), "{err}");
+    for (line, why) in [(5, "other content"), (6, "Bundle"), (8, "UTF-8")] {
+        let at = format!("MedicationRequest.ndjson:{line}");
+        let said = err
+            .lines()
+            .find(|l| l.contains(&at))
+            .unwrap_or_else(|| panic!("{at} not named:\n{err}"));
+        assert!(said.contains(why), "{said}");
+    }
     assert!(
         !err.contains("Quarantinova"),
         "the message must not quote the input: {err}"
@@ -74,14 +87,14 @@ fn malformed_lines_are_named_kept_and_the_run_goes_on() {
         .as_array()
         .unwrap()
         .iter()
-        .filter(|o| o["id"] == "mr-1" || o["id"] == "mr-4")
+        .filter(|o| (o["id"] == "mr-1" || o["id"] == "mr-4") && o["rx_id"].is_string())
         .collect();
     assert_eq!(
         good.len(),
         2,
         "the orders around the bad lines went through: {r:#}"
     );
-    assert!(r["input_errors"].as_u64().unwrap() >= 2);
+    assert!(r["input_errors"].as_u64().unwrap() >= 6, "{r:#}");
     assert_eq!(r["skipped_resources"]["Basic"], 1);
 
     // Kept, sealed: one row per refused line in the inputs table, and no name in clear anywhere.
@@ -129,5 +142,61 @@ fn a_folder_without_ndjson_files_is_a_clear_error() {
         text(&out.stderr).contains("no .ndjson files"),
         "{}",
         text(&out.stderr)
+    );
+}
+
+#[test]
+fn a_data_dir_whose_key_or_store_is_gone_is_refused_not_started_anew() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("d");
+    let d = data.to_str().unwrap();
+    let out = run(&["demo", "--orders", "30", "--json", "--data-dir", d]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    let index = data.join("keys/blind-index.key");
+    let saved = std::fs::read(&index).unwrap();
+    std::fs::remove_file(&index).unwrap();
+    let out = run(&["demo", "--orders", "30", "--json", "--data-dir", d]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("blind-index.key is missing"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!index.exists(), "no new key was made");
+    std::fs::write(&index, saved).unwrap();
+    std::fs::set_permissions(&index, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+
+    let signing = data.join("keys/audit-signing.pk8");
+    let saved = std::fs::read(&signing).unwrap();
+    std::fs::remove_file(&signing).unwrap();
+    let out = run(&["audit", "seal", "--data-dir", d]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("signing key"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!signing.exists());
+    std::fs::write(&signing, saved).unwrap();
+    std::fs::set_permissions(
+        &signing,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+
+    for f in ["rxflow.db", "rxflow.db-wal", "rxflow.db-shm"] {
+        let _ = std::fs::remove_file(data.join(f));
+    }
+    let out = run(&["demo", "--orders", "30", "--json", "--data-dir", d]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("no store"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(
+        !data.join("rxflow.db").exists(),
+        "no empty store was made beside the keys"
     );
 }

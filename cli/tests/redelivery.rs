@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use rx_platform::config::Config;
 use rx_platform::services::Embedded;
-use rx_platform::{EventKind, SystemClock};
+use rx_platform::{EventKind, ManualClock};
 use rx_store::repo::AuditCtx;
 use rx_store::RecordStore;
 use rxflow::pipeline::dispatch;
@@ -22,7 +22,7 @@ fn order(id: &str) -> serde_json::Value {
             {"fullUrl": "urn:uuid:o1", "resource": {"resourceType": "MedicationRequest", "id": id,
               "status": "active", "intent": "order",
               "subject": {"reference": "urn:uuid:p1"}, "requester": {"reference": "urn:uuid:d1"},
-              "authoredOn": chrono::Utc::now().to_rfc3339(),
+              "authoredOn": "2026-11-30T10:00:00Z",
               "medicationCodeableConcept": {"coding": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "314076"}]},
               "dispenseRequest": {"quantity": {"value": 30}, "expectedSupplyDuration": {"value": 30, "unit": "days"}, "numberOfRepeatsAllowed": 1}}}
         ]
@@ -35,7 +35,11 @@ async fn each_queue_step_is_idempotent_under_redelivery() {
     let config =
         Config::from_lookup(|k| (k == "RXFLOW_DATA_DIR").then(|| dir.path().display().to_string()))
             .unwrap();
-    let emb = Embedded::open(&config, Arc::new(SystemClock)).unwrap();
+    // Business time fixed a day after the order was written, so the test never ages.
+    let day_after = chrono::DateTime::parse_from_rfc3339("2026-12-01T10:00:00Z")
+        .unwrap()
+        .with_timezone(&chrono::Utc);
+    let emb = Embedded::open(&config, Arc::new(ManualClock::new(day_after))).unwrap();
     let svc = &emb.services;
     let cx = AuditCtx::system("intake", "default");
     let out = rx_fn_intake::handle(svc, &cx, "default", &order("mr-redeliver"))

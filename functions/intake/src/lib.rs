@@ -90,12 +90,24 @@ pub async fn submit_order(
         .as_deref()
         .map(|sid| svc.vault.blind(domains::SOURCE_ORDER, sid));
     if let Some(k) = &key {
-        if let Some(row) = svc
+        let existing: Option<Stored<PrescriptionRecord>> = svc
             .vault
-            .store
-            .get_by_key(Table::Prescriptions, tenant, k)
-            .await?
-        {
+            .read_by_key(cx, Table::Prescriptions, tenant, k)
+            .await?;
+        if let Some(doc) = existing {
+            // The same id with other content is not a redelivery: refuse it rather than answer
+            // with (and so disclose) the order stored under that id. A changed status alone is
+            // the same order later in its life.
+            let mut stored = doc.body.order;
+            stored.status.clone_from(&order.status);
+            if stored != order {
+                return Err(StepError::Conflict(
+                    "an order with this MedicationRequest.id was already submitted with other \
+                     content; give a new order its own id"
+                        .into(),
+                ));
+            }
+            let row = doc.row;
             // Redelivery: answer with what was stored; re-announce it while it is still waiting
             // for validation, so an event lost after the first commit is not lost for good.
             let event = (row.status == rx_domain::Status::Received.as_str())

@@ -36,6 +36,9 @@ pub struct Embedded {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
+    /// Part of an existing data directory is gone: refuse rather than start anew beside it.
+    #[error("{0}")]
+    Missing(String),
     #[error("cannot create the data directory {path}: {source}")]
     DataDir {
         path: String,
@@ -85,15 +88,38 @@ impl Embedded {
             dir: paths.keys().display().to_string(),
             source,
         };
+        let kek = paths.keys().join(LocalKeyProvider::KEK_FILE);
+        let db_existed = paths.db().exists();
+        if !db_existed && kek.exists() {
+            return Err(SetupError::Missing(format!(
+                "{} holds keys but no store ({}): the store was moved or deleted. Restore it \
+                 from backup, or start afresh with a new --data-dir",
+                dir.display(),
+                paths.db().display()
+            )));
+        }
+        let store_err = |source| SetupError::Store {
+            path: paths.db().display().to_string(),
+            source,
+        };
+        let store = Arc::new(SqliteStore::open(&paths.db()).map_err(store_err)?);
+        // A store with records and a key file gone: a new key would neither open the sealed
+        // records nor find them by their blind index, and would seal everything anew beside them.
+        if db_existed && store.holds_records().map_err(store_err)? {
+            for key in [&kek, &paths.blind_index_key()] {
+                if !key.exists() {
+                    return Err(SetupError::Missing(format!(
+                        "the store in {} holds records but the key file {} is missing; restore \
+                         it from backup (a new key can neither open nor find the records sealed \
+                         with the old one)",
+                        dir.display(),
+                        key.display()
+                    )));
+                }
+            }
+        }
         let provider = LocalKeyProvider::open_or_create(&paths.keys()).map_err(keys_err)?;
         let index_key = load_or_create_secret(&paths.blind_index_key()).map_err(keys_err)?;
-        let store =
-            Arc::new(
-                SqliteStore::open(&paths.db()).map_err(|source| SetupError::Store {
-                    path: paths.db().display().to_string(),
-                    source,
-                })?,
-            );
         let sealer = Arc::new(Sealer::new(Arc::new(provider), CacheLimits::default()));
         let index = Arc::new(BlindIndex::new(&index_key));
         let vault = Vault::new(store.clone(), sealer, index);
