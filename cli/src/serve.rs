@@ -265,7 +265,7 @@ async fn sweep(svc: &Arc<Services>, slots: &Arc<Semaphore>, tenant: &str) {
 /// queues up behind a burst of submissions, it takes at most one core from the HTTP side, so
 /// intake keeps answering fast. It first resumes `resume_tenant`'s pending orders. `done`
 /// completes once every sender is gone and the chains still running have finished.
-fn spawn_pipeline(
+pub fn spawn_pipeline(
     svc: Arc<Services>,
     resume_tenant: String,
     capacity: usize,
