@@ -38,6 +38,17 @@ pub enum AuditError {
     /// The trusted public key could not be read.
     #[error("the trusted public key is not usable: {0}")]
     PublicKey(String),
+    /// An anchor file is not an anchor this version reads.
+    #[error(
+        "the anchor file is not an rxflow audit anchor ({0}); give the file `rxflow audit anchor` \
+         printed"
+    )]
+    AnchorUnreadable(String),
+    /// There is no checkpoint to anchor.
+    #[error(
+        "the trail has no checkpoint to anchor yet: it is empty; anchor it after some activity"
+    )]
+    NothingToAnchor,
     /// The runtime shut down while the trail was being checked.
     #[error("the check was interrupted (the process is shutting down); run it again")]
     Interrupted,

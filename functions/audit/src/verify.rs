@@ -1,12 +1,16 @@
 //! `rxflow audit verify`: walk the whole trail once, in pages (constant memory), and check the
-//! hash chain and every signed checkpoint against it.
+//! hash chain, each event's searchable columns and every signed checkpoint against it; then that
+//! the records the store holds are accounted for by the trail, and the trail still holds an
+//! anchor kept elsewhere.
 
+use chrono::{DateTime, Utc};
 use rx_guard::audit::chain::{ChainBreak, Verifier};
-use rx_guard::audit::ChainedEvent;
+use rx_guard::audit::{AuditEvent, ChainedEvent};
 use rx_guard::merkle::{checkpoint_hash, Checkpoint, TreeBuilder};
-use rx_store::{CheckpointRow, RecordStore};
+use rx_store::{AuditPage, CheckpointRow, RecordStore, RowFault, Table};
 use serde::{Deserialize, Serialize};
 
+use crate::anchor::Anchor;
 use crate::{AuditError, Result};
 
 /// Events read per page while walking the trail.
@@ -24,6 +28,9 @@ pub enum BreakKind {
     SequenceGap,
     /// A stored event body is not a readable event.
     EventUnreadable,
+    /// An event's searchable column (subject, patient, action …) no longer holds what its hashed
+    /// body says: searches by that column miss or misplace the event.
+    EventIndexMismatch,
     /// A checkpoint body does not parse, or disagrees with its row.
     CheckpointUnreadable,
     /// Checkpoint numbers or ranges are not contiguous.
@@ -38,6 +45,11 @@ pub enum BreakKind {
     CheckpointChainHead,
     /// A checkpoint covers events the trail no longer has: the end was cut off.
     Truncated,
+    /// The store holds prescriptions or patients changed after the trail's last event (or the
+    /// trail is empty): the events recording those changes are gone.
+    RecordsWithoutEvents,
+    /// The trail no longer holds the checkpoint an anchor kept outside the data recorded.
+    AnchorMismatch,
 }
 
 /// The first place the trail fails to verify.
@@ -81,6 +93,38 @@ impl Break {
         };
         Break::event(b.seq(), kind, b.to_string())
     }
+
+    fn from_row(f: &RowFault) -> Self {
+        match f {
+            RowFault::Mismatch { seq, column } => Break::event(
+                *seq,
+                BreakKind::EventIndexMismatch,
+                format!(
+                    "the {column} column of audit event {seq} does not hold what the event's \
+                     hashed body says: the column was edited, so searches by {column} miss or \
+                     misplace this event"
+                ),
+            ),
+            RowFault::Unreadable { seq, reason } => Break::event(
+                *seq,
+                BreakKind::EventUnreadable,
+                format!(
+                    "audit event {seq} is not a readable audit event ({reason}): it was \
+                     rewritten, and its searchable columns cannot be checked"
+                ),
+            ),
+        }
+    }
+
+    /// A break of the trail as a whole, not of one event or checkpoint.
+    pub(crate) fn trail(kind: BreakKind, sentence: impl Into<String>) -> Self {
+        Break {
+            seq: None,
+            checkpoint: None,
+            kind,
+            sentence: sentence.into(),
+        }
+    }
 }
 
 /// The outcome of [`verify_trail`].
@@ -94,6 +138,9 @@ pub struct TrailReport {
     pub events_sealed: u64,
     /// Whether signatures were checked (a trusted public key was given).
     pub signatures_checked: bool,
+    /// The checkpoint an anchor recorded, found unchanged ([`verify_trail_anchored`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anchored_checkpoint: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub first_break: Option<Break>,
     pub ok: bool,
@@ -101,39 +148,160 @@ pub struct TrailReport {
 
 /// Verifies the whole trail in one pass over the events, in pages (constant memory):
 ///
-/// * every event's chain link ([`Verifier`]);
+/// * every event's chain link ([`Verifier`]), then that its searchable columns hold what its body
+///   says ([`RecordStore::audit_range_checked`]);
 /// * every checkpoint, when the walk reaches its first event: its body parses and agrees with
 ///   its row, its signature verifies with `trusted_public_key` (skipped when `None`:
 ///   [`TrailReport::signatures_checked`] says so), its number and range follow the previous
 ///   checkpoint's, and its `prev_checkpoint_hash` is the hash of the previous stored checkpoint;
 /// * at its last event: its root recomputes from the events and its `chain_head` is that event's
 ///   hash;
-/// * a checkpoint covering events the trail no longer has means the end was cut off.
+/// * a checkpoint covering events the trail no longer has means the end was cut off;
+/// * after the walk: no prescription or patient record changed after the last event (or
+///   exists at all when the trail is empty): every change commits with its event, so such a record
+///   means the end of the trail was cut off, checkpoints and all.
 ///
 /// Stops at the first break and reports it; `Err` only when the store cannot be read.
 pub async fn verify_trail(
     store: &dyn RecordStore,
     trusted_public_key: Option<&[u8]>,
 ) -> Result<TrailReport> {
+    verify(store, trusted_public_key, None).await
+}
+
+/// [`verify_trail`], and then that the trail still holds the checkpoint `anchor` recorded,
+/// byte for byte, and at least the events it covers: a trail cut back behind an anchor kept
+/// outside the data directory (newest checkpoints deleted with their events) is detected.
+pub async fn verify_trail_anchored(
+    store: &dyn RecordStore,
+    trusted_public_key: Option<&[u8]>,
+    anchor: &Anchor,
+) -> Result<TrailReport> {
+    verify(store, trusted_public_key, Some(anchor)).await
+}
+
+async fn verify(
+    store: &dyn RecordStore,
+    trusted_public_key: Option<&[u8]>,
+    anchor: Option<&Anchor>,
+) -> Result<TrailReport> {
+    // Before the walk: a record written while it runs commits with its event, which the walk
+    // then sees, so it cannot look unaccounted for.
+    let records = latest_records(store).await?;
     let rows = store.checkpoints().await?;
     let mut report = TrailReport {
         events: 0,
         checkpoints: rows.len() as u64,
         events_sealed: 0,
         signatures_checked: trusted_public_key.is_some(),
+        anchored_checkpoint: None,
         first_break: None,
         ok: false,
     };
+    let anchor_break = anchor.and_then(|a| crate::anchor::check(a, &rows));
     let walker = Box::new(Walker {
         chain: Verifier::new(),
         sealing: Sealing::new(rows, trusted_public_key.map(<[u8]>::to_vec)),
     });
-    let (walker, found) = walk(store, walker).await?;
+    let (walker, mut found) = walk(store, walker).await?;
     report.events = walker.chain.len();
     report.events_sealed = walker.sealing.sealed;
+    if found.is_none() {
+        found = anchor_break;
+        report.anchored_checkpoint = anchor.filter(|_| found.is_none()).map(|a| a.checkpoint);
+    }
+    if found.is_none() {
+        found = unaccounted_records(store, &records, report.events).await?;
+    }
     report.ok = found.is_none();
     report.first_break = found;
     Ok(report)
+}
+
+/// The tables whose every change commits with an audit event naming it.
+const AUDITED_TABLES: [Table; 2] = [Table::Prescriptions, Table::Patients];
+
+/// How much later than the last event a record may have changed: its `updated_at` is stamped
+/// just after its event (microseconds), and the clock may step back a little between events.
+const RECORD_SLACK: chrono::TimeDelta = chrono::TimeDelta::seconds(1);
+
+/// When each audited table last changed, for the tables that hold anything.
+async fn latest_records(store: &dyn RecordStore) -> Result<Vec<(Table, DateTime<Utc>)>> {
+    let mut out = Vec::new();
+    for table in AUDITED_TABLES {
+        if let Some(at) = store.last_updated(table).await? {
+            out.push((table, at));
+        }
+    }
+    Ok(out)
+}
+
+/// The record rule, over the `events` the walk verified.
+async fn unaccounted_records(
+    store: &dyn RecordStore,
+    records: &[(Table, DateTime<Utc>)],
+    events: u64,
+) -> Result<Option<Break>> {
+    if records.is_empty() {
+        return Ok(None);
+    }
+    if events == 0 {
+        let mut held = Vec::new();
+        for (table, _) in records {
+            let n: u64 = store
+                .count_by_status(*table)
+                .await?
+                .iter()
+                .map(|(_, n)| n)
+                .sum();
+            held.push(format!("{n} {} records", table.as_str()));
+        }
+        return Ok(Some(Break::trail(
+            BreakKind::RecordsWithoutEvents,
+            format!(
+                "the store holds {} but the audit trail is empty: the events recording them \
+                 (and any checkpoints) were deleted",
+                held.join(" and ")
+            ),
+        )));
+    }
+    let last = store.audit_range(events, 1).await?;
+    let Some(ev) = last.first().filter(|e| e.seq == events) else {
+        return Err(AuditError::Inconsistent(format!(
+            "audit event {events} vanished while the trail was being checked"
+        )));
+    };
+    let last_at = match serde_json::from_slice::<AuditEvent>(&ev.body) {
+        Ok(e) => e.at,
+        Err(e) => {
+            return Ok(Some(Break::event(
+                events,
+                BreakKind::EventUnreadable,
+                format!(
+                    "audit event {events} is not a readable audit event ({:?} error at column \
+                     {})",
+                    e.classify(),
+                    e.column()
+                ),
+            )))
+        }
+    };
+    let later: Vec<&str> = records
+        .iter()
+        .filter(|(_, at)| *at > last_at + RECORD_SLACK)
+        .map(|(table, _)| table.as_str())
+        .collect();
+    if later.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(Break::trail(
+        BreakKind::RecordsWithoutEvents,
+        format!(
+            "{} records were changed after the trail's last audit event (seq {events}): the \
+             events recording those changes were removed from the end of the trail",
+            later.join(" and ")
+        ),
+    )))
 }
 
 /// The checking state, moved to a blocking thread for each page so the store reads the next
@@ -144,10 +312,15 @@ struct Walker {
 }
 
 impl Walker {
-    fn page(&mut self, page: &[ChainedEvent]) -> Option<Break> {
-        for ev in page {
+    fn page(&mut self, page: &AuditPage) -> Option<Break> {
+        let fault = page.fault.as_ref().map(|f| (f.seq(), f));
+        for ev in &page.events {
             if let Err(b) = self.chain.push(ev) {
                 return Some(Break::from_chain(&b));
+            }
+            // After the chain: an edited body is reported as such, not as its columns.
+            if let Some((_, f)) = fault.filter(|(seq, _)| *seq == ev.seq) {
+                return Some(Break::from_row(f));
             }
             if let Err(b) = self.sealing.push(ev) {
                 return Some(b);
@@ -173,7 +346,7 @@ async fn walk(
     let mut slot = Slot::Here(walker);
     let mut next = 1u64;
     let mut w = loop {
-        let page = store.audit_range(next, PAGE).await;
+        let page = store.audit_range_checked(next, PAGE).await;
         let mut w = match slot {
             Slot::Here(w) => w,
             Slot::Away(task) => {
@@ -190,7 +363,9 @@ async fn walk(
             }
         };
         let page = page?;
-        let Some(last) = page.last() else { break w };
+        let Some(last) = page.events.last() else {
+            break w;
+        };
         next = last.seq.saturating_add(1);
         slot = match &runtime {
             Some(rt) => Slot::Away(rt.spawn_blocking(move || {

@@ -67,6 +67,7 @@ async fn an_edited_event_with_the_chain_recomputed_fails_its_checkpoint_root() {
         .unwrap()
         .replace("\"read\"", "\"create\"");
     set_body(&db, 27, edited.as_bytes());
+    reindex(&db, 27);
     rechain(&db);
     let r = verify(&t).await;
     assert_eq!(kind(&r), BreakKind::CheckpointRoot);
@@ -115,11 +116,11 @@ fn insert_forged(db: &rusqlite::Connection, after: i64) {
     let hash = link(&prev.clone().try_into().unwrap(), &body);
     db.execute(
         "INSERT INTO audit (seq, event_id, at, subject, action, resource_id, patient, break_glass,
-         body, prev, hash) VALUES (?1, ?2, '2026-12-01T09:00:00Z', 'user-1', 'read', 'rx-1000',
-         NULL, 0, ?3, ?4, ?5)",
-        rusqlite::params![after + 1, forged.id, body, prev, &hash[..]],
+         body, prev, hash) VALUES (?1, '', '', '', '', '', NULL, 0, ?2, ?3, ?4)",
+        rusqlite::params![after + 1, body, prev, &hash[..]],
     )
     .unwrap();
+    set_columns(db, after + 1, &forged);
 }
 
 #[tokio::test]
@@ -263,6 +264,7 @@ async fn checkpoints_resigned_with_another_key_fail_against_the_trusted_key() {
         .unwrap()
         .replace("\"read\"", "\"create\"");
     set_body(&db, 27, edited.as_bytes());
+    reindex(&db, 27);
     rechain(&db);
     // Rebuild every checkpoint over the rewritten trail.
     let store = t.reopen();
@@ -315,6 +317,7 @@ fn verification_also_runs_outside_a_tokio_runtime() {
         .unwrap()
         .replace("rx-4500", "rx-5400");
     set_body(&db, 4500, edited.as_bytes());
+    reindex(&db, 4500);
     rechain(&db);
     let r = block_on(verify_trail(&t.reopen(), Some(&t.key()))).unwrap();
     assert_eq!(kind(&r), BreakKind::CheckpointRoot);

@@ -116,6 +116,33 @@ pub struct CheckpointRow {
     pub body: Vec<u8>,
 }
 
+/// Audit events read for verification ([`RecordStore::audit_range_checked`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AuditPage {
+    pub events: Vec<ChainedEvent>,
+    /// The first event of the page whose searchable columns do not hold what its hashed body
+    /// says.
+    pub fault: Option<RowFault>,
+}
+
+/// How a stored audit row's searchable columns (the ones [`RecordStore::audit_search`] filters
+/// on) fail to match its hashed body. Names the column, never a value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RowFault {
+    /// Column `column` of event `seq` disagrees with the event's body.
+    Mismatch { seq: u64, column: &'static str },
+    /// The body of event `seq` is not JSON this version reads, so its columns cannot be checked.
+    Unreadable { seq: u64, reason: String },
+}
+
+impl RowFault {
+    pub fn seq(&self) -> u64 {
+        match self {
+            RowFault::Mismatch { seq, .. } | RowFault::Unreadable { seq, .. } => *seq,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// A conditional write lost: the record changed since it was read, or already exists.
@@ -155,6 +182,8 @@ pub trait RecordStore: AuditSink + Send + Sync {
     ) -> StoreResult<Vec<Row>>;
     /// Count rows per status in `table` across all tenants.
     async fn count_by_status(&self, table: Table) -> StoreResult<Vec<(String, u64)>>;
+    /// The latest `updated_at` of any row in `table`, across tenants; `None` when it is empty.
+    async fn last_updated(&self, table: Table) -> StoreResult<Option<DateTime<Utc>>>;
     /// Atomically apply a change set (see [`Changes`]).
     async fn commit(&self, changes: Changes) -> StoreResult<()>;
     /// The transitions of one prescription, in order.
@@ -164,6 +193,10 @@ pub trait RecordStore: AuditSink + Send + Sync {
     async fn audit_len(&self) -> StoreResult<u64>;
     /// Audit events with `seq >= from_seq`, in order, at most `limit`.
     async fn audit_range(&self, from_seq: u64, limit: usize) -> StoreResult<Vec<ChainedEvent>>;
+    /// [`RecordStore::audit_range`] for verification: also checks that each event's searchable
+    /// columns hold the values of its hashed body (a search by a column that was edited would
+    /// silently miss the event), and reports the first that does not.
+    async fn audit_range_checked(&self, from_seq: u64, limit: usize) -> StoreResult<AuditPage>;
     /// Audit events matching `query`, in order.
     async fn audit_search(&self, query: &AuditQuery) -> StoreResult<Vec<ChainedEvent>>;
 

@@ -9,7 +9,7 @@ use chrono::Duration;
 use rx_guard::audit::{Action, AuditQuery, AuditSink};
 use rx_guard::GuardError;
 use rx_store::sqlite::SqliteStore;
-use rx_store::{Changes, CheckpointRow, RecordStore, StoreError, Table};
+use rx_store::{Changes, CheckpointRow, RecordStore, RowFault, StoreError, Table};
 use sqlite_support::*;
 
 #[tokio::test]
@@ -341,6 +341,118 @@ async fn audit_range_pages_from_a_sequence_number() {
         Some(20)
     );
     assert!(store.audit_range(26, 10).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn the_checked_read_returns_what_audit_range_does_and_no_fault_for_intact_rows() {
+    let (_dir, store) = open_temp();
+    let mut events: Vec<_> = (0..25)
+        .map(|i| event(&format!("user-{i}"), Action::Read, &format!("rx-{i}")))
+        .collect();
+    events[3].patient = Some("ab".repeat(32));
+    events[4].break_glass = true;
+    events[5].actor.subject = "cli:o\"neil".into(); // escaped in the body
+    events[6].at = t0() + Duration::nanoseconds(1_500);
+    store.append(&events).await.unwrap();
+    let page = store.audit_range_checked(3, 10).await.unwrap();
+    assert_eq!(page.events, store.audit_range(3, 10).await.unwrap());
+    assert_eq!(page.fault, None);
+    let all = store.audit_range_checked(1, usize::MAX).await.unwrap();
+    assert_eq!((all.events.len(), all.fault), (25, None));
+    assert!(store
+        .audit_range_checked(26, 10)
+        .await
+        .unwrap()
+        .events
+        .is_empty());
+}
+
+#[tokio::test]
+async fn the_checked_read_names_the_first_event_whose_column_was_edited() {
+    let (dir, store) = open_temp();
+    let mut events: Vec<_> = (0..10)
+        .map(|i| event("ph-x", Action::Read, &format!("rx-{i}")))
+        .collect();
+    events[2].patient = Some("cd".repeat(32));
+    store.append(&events).await.unwrap();
+    let conn = rusqlite::Connection::open(dir.path().join("rx.db")).unwrap();
+    conn.execute_batch("DROP TRIGGER audit_no_update;").unwrap();
+    // Each edit is earlier in the trail than the ones before it, so it is the first fault.
+    let cases = [
+        (
+            "UPDATE audit SET break_glass = 1 WHERE seq = 8",
+            8,
+            "break_glass",
+        ),
+        (
+            "UPDATE audit SET subject = 'innocent' WHERE seq IN (7, 9)",
+            7,
+            "subject",
+        ),
+        (
+            "UPDATE audit SET at = '1999-01-01T00:00:00.000000000Z' WHERE seq = 6",
+            6,
+            "at",
+        ),
+        (
+            "UPDATE audit SET resource_id = 'rx-99' WHERE seq = 5",
+            5,
+            "resource_id",
+        ),
+        (
+            "UPDATE audit SET action = 'create' WHERE seq = 4",
+            4,
+            "action",
+        ),
+        (
+            "UPDATE audit SET patient = NULL WHERE seq = 3",
+            3,
+            "patient",
+        ),
+        (
+            "UPDATE audit SET event_id = 'x' WHERE seq = 2",
+            2,
+            "event_id",
+        ),
+    ];
+    for (sql, seq, column) in cases {
+        conn.execute_batch(sql).unwrap();
+        let page = store.audit_range_checked(1, 100).await.unwrap();
+        assert_eq!(
+            page.events.len(),
+            10,
+            "{sql}: every event is still returned"
+        );
+        assert_eq!(
+            page.fault,
+            Some(RowFault::Mismatch { seq, column }),
+            "{sql}"
+        );
+    }
+    // A page that starts after the edited rows has no fault.
+    assert_eq!(
+        store.audit_range_checked(10, 100).await.unwrap().fault,
+        None
+    );
+}
+
+#[tokio::test]
+async fn last_updated_is_the_latest_change_of_a_table_across_tenants() {
+    let (_dir, store) = open_temp();
+    assert_eq!(
+        store.last_updated(Table::Prescriptions).await.unwrap(),
+        None
+    );
+    for (tenant, id, minutes) in [("t1", "rx-1", 5), ("t2", "rx-2", 9), ("t1", "rx-3", 2)] {
+        let mut r = row(Table::Prescriptions, tenant, id);
+        r.updated_at = t0() + Duration::minutes(minutes);
+        store.commit(insert(r, vec![])).await.unwrap();
+    }
+    assert_eq!(
+        store.last_updated(Table::Prescriptions).await.unwrap(),
+        Some(t0() + Duration::minutes(9))
+    );
+    assert_eq!(store.last_updated(Table::Patients).await.unwrap(), None);
 }
 
 #[tokio::test]

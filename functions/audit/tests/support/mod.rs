@@ -142,6 +142,32 @@ pub fn set_body(conn: &rusqlite::Connection, seq: i64, body: &[u8]) {
     .unwrap();
 }
 
+/// The careful attacker's other step: rewrites event `seq`'s searchable columns from its (edited)
+/// body, as the writer would have stored them.
+pub fn reindex(conn: &rusqlite::Connection, seq: i64) {
+    let e: AuditEvent = serde_json::from_slice(&body(conn, seq)).unwrap();
+    set_columns(conn, seq, &e);
+}
+
+/// Sets event `seq`'s searchable columns to `e`'s values.
+pub fn set_columns(conn: &rusqlite::Connection, seq: i64, e: &AuditEvent) {
+    conn.execute(
+        "UPDATE audit SET event_id = ?1, at = ?2, subject = ?3, action = ?4, resource_id = ?5,
+         patient = ?6, break_glass = ?7 WHERE seq = ?8",
+        rusqlite::params![
+            e.id,
+            e.at.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
+            e.actor.subject,
+            e.action.as_str(),
+            e.resource.id,
+            e.patient,
+            e.break_glass,
+            seq
+        ],
+    )
+    .unwrap();
+}
+
 pub async fn events_len(store: &SqliteStore) -> u64 {
     store.audit_len().await.unwrap()
 }

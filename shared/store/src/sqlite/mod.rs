@@ -12,6 +12,7 @@
 //! DELETE. Each audit event is chained to the one before it, read from the table inside the same
 //! transaction (never from a cached head), so a rolled-back change set cannot leave a gap.
 
+mod columns;
 mod error;
 mod schema;
 
@@ -588,6 +589,20 @@ impl RecordStore for SqliteStore {
         )
     }
 
+    async fn last_updated(&self, table: Table) -> StoreResult<Option<DateTime<Utc>>> {
+        // Fixed-width timestamps: the text maximum is the latest.
+        let sql = format!("SELECT MAX(updated_at) FROM {}", table.as_str());
+        self.read(
+            |conn, _| {
+                conn.prepare_cached(&sql)?
+                    .query_row([], |r| r.get::<_, Option<String>>(0))?
+                    .map(|t| parse_ts(0, t))
+                    .transpose()
+            },
+            "reading when records last changed",
+        )
+    }
+
     async fn commit(&self, changes: Changes) -> StoreResult<()> {
         if changes.is_empty() {
             return Ok(());
@@ -647,6 +662,34 @@ impl RecordStore for SqliteStore {
                 conn.prepare_cached(schema::AUDIT_RANGE)?
                     .query_map(params![from, n], read_chained)?
                     .collect()
+            },
+            "reading audit events",
+        )
+    }
+
+    async fn audit_range_checked(
+        &self,
+        from_seq: u64,
+        limit_rows: usize,
+    ) -> StoreResult<crate::port::AuditPage> {
+        let from = i64::try_from(from_seq).unwrap_or(i64::MAX);
+        let n = limit(limit_rows);
+        self.read(
+            |conn, _| {
+                let mut page = crate::port::AuditPage {
+                    events: Vec::with_capacity(limit_rows.min(8192)),
+                    fault: None,
+                };
+                let mut stmt = conn.prepare_cached(columns::AUDIT_RANGE_CHECKED)?;
+                let mut rows = stmt.query(params![from, n])?;
+                while let Some(r) = rows.next()? {
+                    let ev = read_chained(r)?;
+                    if page.fault.is_none() {
+                        page.fault = columns::fault(r, &ev)?;
+                    }
+                    page.events.push(ev);
+                }
+                Ok(page)
             },
             "reading audit events",
         )
