@@ -544,10 +544,10 @@ fn refill_too_soon(
         ((now - s).num_minutes() as f64 / (f64::from(supply) * 24.0 * 60.0)).max(0.0)
     });
     let wait = due.map_or(String::new(), |due| {
-        let days = ((due - now).num_minutes() as f64 / (24.0 * 60.0))
+        let left = ((due - now).num_minutes() as f64 / (24.0 * 60.0))
             .ceil()
             .max(1.0);
-        format!(" It is due in {days} day(s).")
+        format!(" It is due in {left} day(s).")
     });
     Some(Reason::new(
         "refill-too-soon",
