@@ -43,7 +43,22 @@ const STATEMENT_CACHE: usize = 256;
 /// The SQLite record store and audit sink.
 pub struct SqliteStore {
     path: PathBuf,
+    /// Device and inode of the file when it was opened: a store file removed or replaced under
+    /// an open store (SQLite would carry on writing to the unlinked file) is caught at commit.
+    identity: Option<(u64, u64)>,
     inner: Mutex<Inner>,
+}
+
+fn file_identity(path: &Path) -> Option<(u64, u64)> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+    }
+    #[cfg(not(unix))]
+    {
+        std::fs::metadata(path).ok().map(|_| (0, 0))
+    }
 }
 
 struct Inner {
@@ -94,6 +109,7 @@ impl SqliteStore {
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         ensure_schema(&conn)?;
         Ok(SqliteStore {
+            identity: file_identity(path),
             path: path.to_path_buf(),
             inner: Mutex::new(Inner {
                 conn,
@@ -109,9 +125,32 @@ impl SqliteStore {
         &self.path
     }
 
+    /// Fails when the store file is no longer the one opened (deleted, moved, replaced): what
+    /// is committed after that would be lost with the unlinked file.
+    fn check_file(&self) -> StoreResult<()> {
+        if file_identity(&self.path) == self.identity {
+            return Ok(());
+        }
+        tracing::error!(store = %self.path.display(), "the store file was removed or replaced while open");
+        Err(StoreError::Unavailable(format!(
+            "the store file {} was removed or replaced while rxflow had it open; nothing more \
+             is written: restore the file (or use a new data directory) and run again",
+            self.path.display()
+        )))
+    }
+
+    /// Whether the store holds anything at all (every record's creation is in the audit trail).
+    pub fn holds_records(&self) -> StoreResult<bool> {
+        self.read(
+            |conn, _| conn.query_row("SELECT EXISTS (SELECT 1 FROM audit)", [], |r| r.get(0)),
+            "looking for records",
+        )
+    }
+
     /// Opens one long transaction: every later [`RecordStore::commit`] and
     /// [`AuditSink::append`] becomes a savepoint inside it, until [`SqliteStore::end_batch`].
     pub fn begin_batch(&self) -> StoreResult<()> {
+        self.check_file()?;
         let mut inner = self.lock();
         if inner.in_batch {
             return Err(StoreError::Unavailable(
@@ -132,6 +171,10 @@ impl SqliteStore {
             ));
         }
         inner.in_batch = false;
+        if let Err(e) = self.check_file() {
+            rollback_if_open(&inner.conn);
+            return Err(e);
+        }
         if let Err(e) = exec(&inner.conn, "COMMIT") {
             rollback_if_open(&inner.conn);
             return Err(map("committing a batch (its change sets are lost)", e));
@@ -171,6 +214,9 @@ impl SqliteStore {
         let mut guard = self.lock();
         let inner = &mut *guard;
         let batch = inner.in_batch;
+        if !batch {
+            self.check_file()?;
+        }
         let begin = if batch {
             "SAVEPOINT change_set"
         } else {
