@@ -3,11 +3,13 @@
 //! The trail is sealed into signed checkpoints with the data directory's Ed25519 key
 //! (`keys/audit-signing.pk8`); `verify` trusts the public key given with `--public-key` (keep a
 //! copy away from the data directory: whoever can rewrite the data directory can also replace the
-//! key file in it), else the one in `keys/audit-signing.pub`.
+//! key file in it), else the one in `keys/audit-signing.pub`; once the trail has checkpoints it
+//! refuses to run with neither. `anchor` prints the latest checkpoint's anchor for the operator to
+//! keep outside the data directory, and `verify --anchor` checks the trail still holds it.
 
 use std::path::Path;
 
-use rx_fn_audit::{AuditError, TrailReport};
+use rx_fn_audit::{Anchor, AuditError, TrailReport};
 use rx_guard::merkle::Checkpoint;
 use rx_platform::services::{DataDir, Embedded};
 use rx_store::RecordStore;
@@ -23,6 +25,21 @@ pub enum AuditCmdError {
          restore the key file (a new key would leave the trail unverifiable)"
     )]
     SigningKeyMissing(String),
+    #[error(
+        "the trail has {checkpoints} signed checkpoints but no public key to check them with \
+         ({path} is missing); pass --public-key <file> with the copy of the public key you keep \
+         outside the data directory"
+    )]
+    NoPublicKey { checkpoints: usize, path: String },
+    #[error(
+        "cannot read the anchor file {path}: {reason}; give the file `rxflow audit anchor` printed"
+    )]
+    AnchorFile { path: String, reason: String },
+    #[error(
+        "no anchor was taken: the audit trail does not verify ({0}); an anchor must come from an \
+         intact trail"
+    )]
+    NotAnchored(String),
 }
 
 /// Seal the events since the last checkpoint; `None` when there were none. Refuses to make a
@@ -60,11 +77,78 @@ pub fn trusted_key(emb: &Embedded, given: Option<&Path>) -> Result<Option<Vec<u8
     Ok(Some(rx_fn_audit::read_public_key(&path)?))
 }
 
-/// Check the whole trail: every event's chain link and every signed checkpoint.
+/// [`trusted_key`], required once the trail has checkpoints: without it their signatures, the
+/// only thing a rewritten chain cannot fake, would go unchecked.
+async fn required_key(
+    emb: &Embedded,
+    given: Option<&Path>,
+) -> Result<Option<Vec<u8>>, AuditCmdError> {
+    let key = trusted_key(emb, given)?;
+    if key.is_none() {
+        let checkpoints = emb
+            .store
+            .checkpoints()
+            .await
+            .map_err(AuditError::from)?
+            .len();
+        if checkpoints > 0 {
+            let path = DataDir(&emb.data_dir)
+                .audit_signing_key()
+                .with_extension("pub");
+            return Err(AuditCmdError::NoPublicKey {
+                checkpoints,
+                path: path.display().to_string(),
+            });
+        }
+    }
+    Ok(key)
+}
+
+/// Check the whole trail: every event's chain link and searchable columns, every signed
+/// checkpoint, and that the records are accounted for.
 pub async fn verify(
     emb: &Embedded,
     public_key: Option<&Path>,
 ) -> Result<TrailReport, AuditCmdError> {
-    let key = trusted_key(emb, public_key)?;
-    Ok(rx_fn_audit::verify_trail(emb.store.as_ref(), key.as_deref()).await?)
+    verify_anchored(emb, public_key, None).await
+}
+
+/// [`verify`], and with `anchor` (a file `rxflow audit anchor` printed) that the trail still holds
+/// the anchored checkpoint unchanged and every event it covers.
+pub async fn verify_anchored(
+    emb: &Embedded,
+    public_key: Option<&Path>,
+    anchor: Option<&Path>,
+) -> Result<TrailReport, AuditCmdError> {
+    let key = required_key(emb, public_key).await?;
+    let store = emb.store.as_ref();
+    Ok(match anchor {
+        None => rx_fn_audit::verify_trail(store, key.as_deref()).await?,
+        Some(path) => {
+            let anchor = read_anchor(path)?;
+            rx_fn_audit::verify_trail_anchored(store, key.as_deref(), &anchor).await?
+        }
+    })
+}
+
+/// Reads an anchor file.
+pub fn read_anchor(path: &Path) -> Result<Anchor, AuditCmdError> {
+    let text = std::fs::read_to_string(path).map_err(|e| AuditCmdError::AnchorFile {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    Ok(Anchor::from_json(&text)?)
+}
+
+/// Seals the pending events, verifies the whole trail (the data directory's public key) and
+/// returns the anchor of its latest checkpoint; refuses when the trail does not verify.
+pub async fn anchor(emb: &Embedded) -> Result<Anchor, AuditCmdError> {
+    seal(emb).await?;
+    let report = verify(emb, None).await?;
+    if let Some(b) = report.first_break {
+        return Err(AuditCmdError::NotAnchored(b.sentence));
+    }
+    rx_fn_audit::latest_anchor(emb.store.as_ref())
+        .await?
+        .ok_or(AuditCmdError::Audit(AuditError::NothingToAnchor))
 }

@@ -107,12 +107,22 @@ enum AuditCommand {
         /// key.
         #[arg(long)]
         public_key: Option<PathBuf>,
+        /// An anchor file (from `rxflow audit anchor`, kept outside the data directory): fail
+        /// unless the trail still holds that checkpoint unchanged and every event it covers.
+        #[arg(long)]
+        anchor: Option<PathBuf>,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Seal the events since the last checkpoint into a new signed checkpoint.
     Seal {
+        #[command(flatten)]
+        data: DataDirArg,
+    },
+    /// Seal, verify, and print the latest checkpoint's anchor (JSON: number, hash, last event,
+    /// chain head, key id) to keep outside the data directory for `verify --anchor`.
+    Anchor {
         #[command(flatten)]
         data: DataDirArg,
     },
@@ -277,19 +287,24 @@ async fn audit(command: AuditCommand) -> Result<ExitCode, CommandError> {
         AuditCommand::Verify {
             data,
             public_key,
+            anchor,
             json,
         } => {
             let emb = open(data)?;
-            let report = a::verify(&emb, public_key.as_deref()).await?;
+            let report = a::verify_anchored(&emb, public_key.as_deref(), anchor.as_deref()).await?;
             if json {
                 json_line(&report)?;
             } else if report.ok {
                 out!(
-                    "audit trail intact: {} events, {} checkpoints ({} events sealed), signatures {}",
+                    "audit trail intact: {} events, {} checkpoints ({} events sealed), signatures {}{}",
                     report.events,
                     report.checkpoints,
                     report.events_sealed,
-                    if report.signatures_checked { "verified" } else { "not checked (no public key)" }
+                    if report.signatures_checked { "verified" } else { "not checked (no public key)" },
+                    match report.anchored_checkpoint {
+                        Some(n) => format!(", anchored checkpoint {n} unchanged"),
+                        None => String::new(),
+                    }
                 );
             } else if let Some(b) = &report.first_break {
                 out!("audit trail BROKEN: {}", b.sentence);
@@ -313,6 +328,19 @@ async fn audit(command: AuditCommand) -> Result<ExitCode, CommandError> {
                 ),
                 None => out!("nothing to seal: every event is in a checkpoint"),
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        AuditCommand::Anchor { data } => {
+            let emb = open(data)?;
+            let anchor = a::anchor(&emb).await?;
+            out!(
+                "{}",
+                serde_json::to_string_pretty(&anchor).map_err(std::io::Error::other)?
+            );
+            eprintln!(
+                "keep this anchor outside the data directory; check the trail against it with \
+                 `rxflow audit verify --anchor <file>`"
+            );
             Ok(ExitCode::SUCCESS)
         }
         AuditCommand::Prove { event_id, data } => {

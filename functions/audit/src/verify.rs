@@ -225,6 +225,17 @@ const AUDITED_TABLES: [Table; 2] = [Table::Prescriptions, Table::Patients];
 /// just after its event (microseconds), and the clock may step back a little between events.
 const RECORD_SLACK: chrono::TimeDelta = chrono::TimeDelta::seconds(1);
 
+/// What a table's records are called in a sentence.
+fn noun(table: Table) -> &'static str {
+    match table {
+        Table::Prescriptions => "prescription",
+        Table::Patients => "patient",
+        Table::Prescribers => "prescriber",
+        Table::Inputs => "quarantined input",
+        Table::BreakGlass => "break-glass",
+    }
+}
+
 /// When each audited table last changed, for the tables that hold anything.
 async fn latest_records(store: &dyn RecordStore) -> Result<Vec<(Table, DateTime<Utc>)>> {
     let mut out = Vec::new();
@@ -254,7 +265,7 @@ async fn unaccounted_records(
                 .iter()
                 .map(|(_, n)| n)
                 .sum();
-            held.push(format!("{n} {} records", table.as_str()));
+            held.push(format!("{n} {} records", noun(*table)));
         }
         return Ok(Some(Break::trail(
             BreakKind::RecordsWithoutEvents,
@@ -289,7 +300,7 @@ async fn unaccounted_records(
     let later: Vec<&str> = records
         .iter()
         .filter(|(_, at)| *at > last_at + RECORD_SLACK)
-        .map(|(table, _)| table.as_str())
+        .map(|(table, _)| noun(*table))
         .collect();
     if later.is_empty() {
         return Ok(None);
