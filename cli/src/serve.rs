@@ -970,6 +970,11 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
         .with_span_list(false)
         .try_init();
     let server = bind(&args).await?;
+    eprintln!(
+        "rxflow serve: listening on http://{} over {} (Ctrl-C stops; JSON logs on stderr)",
+        server.local_addr(),
+        args.data_dir.display()
+    );
     server.serve(shutdown_signal()).await
 }
 

@@ -91,6 +91,13 @@ pub fn mint(args: &TokenArgs) -> Result<String, TokenError> {
 
 /// `rxflow token`: print the token on stdout (nothing else, so `$(rxflow token …)` works).
 pub fn run(args: TokenArgs) -> Result<(), TokenError> {
+    if args.role == Role::Prescriber && args.npi.is_none() {
+        eprintln!(
+            "note: a prescriber token without --npi can submit and see only orders whose \
+             requester it is by subject; pass --npi <the prescriber's NPI> to match the orders' \
+             requester"
+        );
+    }
     let token = mint(&args)?;
     println!("{token}");
     Ok(())

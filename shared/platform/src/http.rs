@@ -310,13 +310,23 @@ fn json_error(e: &serde_json::Error) -> Response {
         Category::Data => {
             let text = e.to_string();
             if text.starts_with("missing field") || text.starts_with("unknown field") {
-                let field = text.split('`').nth(1).unwrap_or("?");
-                let what = if text.starts_with("missing") {
-                    "lacks the required field"
+                if text.starts_with("missing") {
+                    // The name is ours (the endpoint's own field).
+                    let field = text.split('`').nth(1).unwrap_or("?");
+                    format!("the request body lacks the required field `{field}`")
                 } else {
-                    "has a field this endpoint does not know:"
-                };
-                format!("the request body {what} `{field}`")
+                    // The unknown name is the caller's and may hold anything (PHI included):
+                    // name only the fields the endpoint knows.
+                    let known = text
+                        .split_once("expected ")
+                        .map(|(_, k)| k.split(" at line").next().unwrap_or(k).to_string());
+                    match known {
+                        Some(k) => format!(
+                            "the request body has a field this endpoint does not know; expected {k}"
+                        ),
+                        None => "the request body has a field this endpoint does not know".into(),
+                    }
+                }
             } else {
                 format!("the request body does not have the expected shape (at {at})")
             }
@@ -636,6 +646,30 @@ mod tests {
     use super::*;
     use axum::routing::{get, post};
     use tower::ServiceExt;
+
+    #[tokio::test]
+    async fn an_unknown_field_name_is_not_echoed() {
+        #[derive(Debug, serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        #[allow(dead_code)]
+        struct Body {
+            decision: String,
+        }
+        let e =
+            serde_json::from_str::<Body>(r#"{"decision":"approve","Alex Sample 999-12-3456":1}"#)
+                .unwrap_err();
+        let resp = json_error(&e);
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(!text.contains("Alex") && !text.contains("999-12"), "{text}");
+        assert!(
+            text.contains("decision"),
+            "names the fields it knows: {text}"
+        );
+    }
 
     fn app(limits: Limits) -> Router {
         let r = Router::new()
