@@ -184,7 +184,10 @@ enum AuditCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    // `serve` sets up its own (JSON, info) logging.
+    if !matches!(cli.command, Command::Serve(_)) {
+        init_logging();
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
