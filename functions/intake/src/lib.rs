@@ -390,7 +390,16 @@ pub async fn quarantine(
     let id = uuid::Uuid::now_v7().to_string();
     let (write, mut ev) = svc
         .vault
-        .new_row(cx, Table::Inputs, tenant, &id, "quarantined", None, None, input)
+        .new_row(
+            cx,
+            Table::Inputs,
+            tenant,
+            &id,
+            "quarantined",
+            None,
+            None,
+            input,
+        )
         .await?;
     ev.action = rx_guard::audit::Action::Quarantine;
     svc.vault

@@ -47,7 +47,7 @@ fn create_v1(conn: &Connection) -> rusqlite::Result<()> {
             "
         ));
     }
-    ddl.push_str(&format!(
+    ddl.push_str(
         "CREATE TABLE transitions (
             seq INTEGER PRIMARY KEY,
             rx_id TEXT NOT NULL,
@@ -87,8 +87,8 @@ fn create_v1(conn: &Connection) -> rusqlite::Result<()> {
             last_seq INTEGER NOT NULL,
             body BLOB NOT NULL
          );
-        "
-    ));
+        ",
+    );
     for t in ["audit", "transitions", "checkpoints"] {
         for op in ["UPDATE", "DELETE"] {
             let lower = op.to_ascii_lowercase();
