@@ -19,28 +19,6 @@ fn demo_trail(dir: &Path) {
     assert!(out.status.success(), "{}", text(&out.stderr));
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let dest = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &dest);
-        } else {
-            std::fs::copy(e.path(), &dest).unwrap();
-        }
-    }
-}
-
-fn tamper(dir: &Path, sql: &str) {
-    let conn = rusqlite::Connection::open(dir.join("rxflow.db")).unwrap();
-    conn.execute_batch(
-        "DROP TRIGGER IF EXISTS audit_no_update; DROP TRIGGER IF EXISTS audit_no_delete;",
-    )
-    .unwrap();
-    conn.execute_batch(sql).unwrap();
-}
-
 fn verify(dir: &Path) -> (bool, String) {
     let out = run(&["audit", "verify", "--data-dir", dir.to_str().unwrap()]);
     (out.status.success(), text(&out.stdout) + &text(&out.stderr))

@@ -23,30 +23,6 @@ fn demo(dir: &Path, seed: &str, orders: &str) {
     assert!(out.status.success(), "{}", text(&out.stderr));
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let dest = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &dest);
-        } else {
-            std::fs::copy(e.path(), &dest).unwrap();
-        }
-    }
-}
-
-/// The attacker with file access: drops the append-only triggers, then runs `sql`.
-fn tamper(dir: &Path, sql: &str) {
-    let conn = rusqlite::Connection::open(dir.join("rxflow.db")).unwrap();
-    conn.execute_batch(
-        "DROP TRIGGER IF EXISTS audit_no_update; DROP TRIGGER IF EXISTS audit_no_delete;
-         DROP TRIGGER IF EXISTS checkpoints_no_update; DROP TRIGGER IF EXISTS checkpoints_no_delete;",
-    )
-    .unwrap();
-    conn.execute_batch(sql).unwrap();
-}
-
 fn query<T: rusqlite::types::FromSql>(dir: &Path, sql: &str) -> T {
     let conn = rusqlite::Connection::open(dir.join("rxflow.db")).unwrap();
     conn.query_row(sql, [], |r| r.get(0)).unwrap()

@@ -94,3 +94,28 @@ pub fn keep_output(dir: &Path, name: &str, out: &Output) -> PathBuf {
 pub fn by_status(report: &Value, status: &str) -> u64 {
     report["by_status"][status].as_u64().unwrap_or(0)
 }
+
+/// Copy a data directory (to tamper with the copy).
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dest = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), &dest).unwrap();
+        }
+    }
+}
+
+/// The attacker with file access: drops the append-only triggers, then runs `sql`.
+pub fn tamper(dir: &Path, sql: &str) {
+    let conn = rusqlite::Connection::open(dir.join("rxflow.db")).unwrap();
+    conn.execute_batch(
+        "DROP TRIGGER IF EXISTS audit_no_update; DROP TRIGGER IF EXISTS audit_no_delete;
+         DROP TRIGGER IF EXISTS checkpoints_no_update; DROP TRIGGER IF EXISTS checkpoints_no_delete;",
+    )
+    .unwrap();
+    conn.execute_batch(sql).unwrap();
+}
