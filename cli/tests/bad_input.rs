@@ -164,8 +164,23 @@ fn a_data_dir_whose_key_or_store_is_gone_is_refused_not_started_anew() {
         text(&out.stderr)
     );
     assert!(!index.exists(), "no new key was made");
-    std::fs::write(&index, saved).unwrap();
+    // another key in its place
+    std::fs::write(&index, [7u8; 32]).unwrap();
     std::fs::set_permissions(&index, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let out = run(&["demo", "--orders", "30", "--json", "--data-dir", d]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("is not the one the store"),
+        "{}",
+        text(&out.stderr)
+    );
+    std::fs::write(&index, saved).unwrap();
+    let out = run(&["demo", "--orders", "30", "--json", "--data-dir", d]);
+    assert!(
+        out.status.success(),
+        "the original key opens it again: {}",
+        text(&out.stderr)
+    );
 
     let signing = data.join("keys/audit-signing.pk8");
     let saved = std::fs::read(&signing).unwrap();

@@ -120,8 +120,37 @@ impl Embedded {
         }
         let provider = LocalKeyProvider::open_or_create(&paths.keys()).map_err(keys_err)?;
         let index_key = load_or_create_secret(&paths.blind_index_key()).map_err(keys_err)?;
-        let sealer = Arc::new(Sealer::new(Arc::new(provider), CacheLimits::default()));
         let index = Arc::new(BlindIndex::new(&index_key));
+        // The keys this store was sealed and indexed with: a key file replaced by another one
+        // would neither open nor find the records, so refuse it.
+        let checks = [
+            (
+                "kek-id",
+                rx_guard::keys::KeyProvider::key_id(&provider)
+                    .as_bytes()
+                    .to_vec(),
+                LocalKeyProvider::KEK_FILE,
+            ),
+            (
+                "blind-index-check",
+                index.index("rxflow-key-check", "v1").to_vec(),
+                "blind-index.key",
+            ),
+        ];
+        for (name, value, file) in checks {
+            if let Some(stored) = store.check_value(name, &value).map_err(store_err)? {
+                if stored != value {
+                    return Err(SetupError::Missing(format!(
+                        "the key file {} is not the one the store in {} was written with; \
+                         restore the original key file (with another key the records can be \
+                         neither opened nor found)",
+                        paths.keys().join(file).display(),
+                        dir.display()
+                    )));
+                }
+            }
+        }
+        let sealer = Arc::new(Sealer::new(Arc::new(provider), CacheLimits::default()));
         let vault = Vault::new(store.clone(), sealer, index);
         Ok(Embedded {
             services: Services {

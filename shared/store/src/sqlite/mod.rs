@@ -139,6 +139,27 @@ impl SqliteStore {
         )))
     }
 
+    /// The check value stored under `name`, storing `value` if there is none yet. Returns what
+    /// was stored before (so the caller can compare), `None` on first use.
+    pub fn check_value(&self, name: &str, value: &[u8]) -> StoreResult<Option<Vec<u8>>> {
+        self.unit("recording a key check value", |conn, _| {
+            let found: Option<Vec<u8>> = conn
+                .query_row("SELECT value FROM meta WHERE name = ?1", [name], |r| {
+                    r.get(0)
+                })
+                .optional()
+                .map_err(|e| map("reading a key check value", e))?;
+            if found.is_none() {
+                conn.execute(
+                    "INSERT INTO meta (name, value) VALUES (?1, ?2)",
+                    params![name, value],
+                )
+                .map_err(|e| map("recording a key check value", e))?;
+            }
+            Ok(found)
+        })
+    }
+
     /// Whether the store holds anything at all (every record's creation is in the audit trail).
     pub fn holds_records(&self) -> StoreResult<bool> {
         self.read(

@@ -6,7 +6,7 @@ use rusqlite::Connection;
 use crate::port::Table;
 
 /// The schema version this build writes and reads.
-pub(crate) const SCHEMA_VERSION: i64 = 1;
+pub(crate) const SCHEMA_VERSION: i64 = 2;
 
 /// The message of the append-only triggers (also matched when mapping errors).
 pub(crate) const APPEND_ONLY: &str = "audit trail is append-only";
@@ -18,11 +18,18 @@ pub(crate) fn migrate(conn: &Connection, from: i64) -> rusqlite::Result<()> {
     while version < SCHEMA_VERSION {
         match version {
             0 => create_v1(conn)?,
+            1 => create_v2(conn)?,
             _ => break,
         }
         version += 1;
     }
     conn.pragma_update(None, "user_version", SCHEMA_VERSION)
+}
+
+/// v2: facts about the data directory the store belongs to (key check values), so a key file
+/// replaced under a store is refused instead of used.
+fn create_v2(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch("CREATE TABLE meta (name TEXT PRIMARY KEY NOT NULL, value BLOB NOT NULL);")
 }
 
 fn create_v1(conn: &Connection) -> rusqlite::Result<()> {
