@@ -69,6 +69,7 @@ struct OrderAt {
 struct LineAt {
     file: u32,
     offset: u64,
+    line: u64,
 }
 
 /// The index of an export's orders and directory resources.
@@ -193,6 +194,7 @@ impl Export {
                     Ok(_) => directory.push(LineAt {
                         file: fi as u32,
                         offset: l.offset,
+                        line: l.number,
                     }),
                     Err(e) => refuse(text, e.to_string()),
                 }
@@ -209,13 +211,24 @@ impl Export {
         })
     }
 
-    /// Second pass, first part: the directory resources, one at a time, in file order.
-    pub fn directory(&self) -> impl Iterator<Item = Result<Resource, BulkError>> + '_ {
+    /// Second pass, first part: the directory resources, one at a time, in file order, each
+    /// with its line (kept for follow-up should registration refuse it).
+    pub fn directory(&self) -> impl Iterator<Item = Result<(Resource, BadLine), BulkError>> + '_ {
         let mut reader = Reader::default();
         self.directory.iter().filter_map(move |at| {
             match reader.line(&self.files, at.file, at.offset) {
                 // Parsed once already in the scan: a line that fails now changed meanwhile.
-                Ok(text) => fhir::parse_json(text.trim()).ok().map(Ok),
+                Ok(text) => fhir::parse_json(text.trim()).ok().map(|r| {
+                    Ok((
+                        r,
+                        BadLine {
+                            file: file_name(&self.files[at.file as usize]),
+                            line: at.line,
+                            raw: text.trim().to_string(),
+                            error: String::new(),
+                        },
+                    ))
+                }),
                 Err(e) => Some(Err(e)),
             }
         })

@@ -126,8 +126,16 @@ pub async fn run(input: &Path, replay: bool, opts: RunOptions) -> Result<Ended, 
         quarantine(&p, b, &mut report).await?;
     }
     drop(bad_lines);
-    for r in export.directory() {
-        register(&p, r?).await?;
+    for item in export.directory() {
+        let (r, mut bad) = item?;
+        match register(&p, r).await {
+            Ok(()) => {}
+            Err(e @ (StepError::Invalid { .. } | StepError::Conflict(_))) => {
+                bad.error = e.to_string();
+                quarantine(&p, &bad, &mut report).await?;
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
     // The directory is durable before any order is judged against it.
     p.flush()?;

@@ -18,7 +18,8 @@ fn order(id: &str) -> String {
 
 fn export(dir: &Path) {
     std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(dir.join("Patient.ndjson"), format!("{PATIENT}\n")).unwrap();
+    let unborn = r#"{"resourceType":"Patient","id":"pat-2","birthDate":"9999-12-31"}"#;
+    std::fs::write(dir.join("Patient.ndjson"), format!("{PATIENT}\n{unborn}\n")).unwrap();
     std::fs::write(dir.join("Practitioner.ndjson"), format!("{PRACTITIONER}\n")).unwrap();
     let lines = [
         order("mr-1"),
@@ -69,11 +70,15 @@ fn malformed_lines_are_named_kept_and_the_run_goes_on() {
     );
     assert!(err.contains("MedicationRequest.ndjson:2"), "{err}");
     assert!(err.contains("MedicationRequest.ndjson:3"), "{err}");
-    for (line, why) in [(5, "other content"), (6, "Bundle"), (8, "UTF-8")] {
-        let at = format!("MedicationRequest.ndjson:{line}");
+    for (at, why) in [
+        ("MedicationRequest.ndjson:5", "other content"),
+        ("MedicationRequest.ndjson:6", "Bundle"),
+        ("MedicationRequest.ndjson:8", "UTF-8"),
+        ("Patient.ndjson:2", "birth date"),
+    ] {
         let said = err
             .lines()
-            .find(|l| l.contains(&at))
+            .find(|l| l.contains(at))
             .unwrap_or_else(|| panic!("{at} not named:\n{err}"));
         assert!(said.contains(why), "{said}");
     }
@@ -94,7 +99,7 @@ fn malformed_lines_are_named_kept_and_the_run_goes_on() {
         2,
         "the orders around the bad lines went through: {r:#}"
     );
-    assert!(r["input_errors"].as_u64().unwrap() >= 6, "{r:#}");
+    assert!(r["input_errors"].as_u64().unwrap() >= 7, "{r:#}");
     assert_eq!(r["skipped_resources"]["Basic"], 1);
 
     // Kept, sealed: one row per refused line in the inputs table, and no name in clear anywhere.

@@ -5,6 +5,7 @@
 //! Intake is idempotent: the same source order (same MedicationRequest id) submitted twice is
 //! stored once; the second submission gets the first one's id back.
 
+use chrono::Datelike;
 use rx_domain::fhir::{self, Submission};
 use rx_domain::{Allergy, MedicationOrder, PatientRecord, PrescriberRecord, PrescriptionRecord};
 use rx_platform::event::{EventKind, PipelineEvent};
@@ -205,6 +206,18 @@ pub async fn register_patient(
             message: "the Patient has no id".into(),
             expression: Some("Patient.id".into()),
         });
+    }
+    if let Some(born) = patient.birth_date {
+        let today = chrono::Utc::now().date_naive();
+        if born > today || born.year() < 1870 {
+            return Err(StepError::Invalid {
+                code: "value",
+                message:
+                    "the Patient's birth date is in the future or not a plausible date of birth"
+                        .into(),
+                expression: Some("Patient.birthDate".into()),
+            });
+        }
     }
     let source_id = patient.source_id.clone();
     upsert_patient(svc, cx, tenant, &source_id, move |file| {
