@@ -13,7 +13,7 @@ use rx_platform::config::Config;
 use rx_platform::StepError;
 
 use crate::bulk::{BadLine, BulkError, Export};
-use crate::pipeline::{refused, Pipeline, TimeMode};
+use crate::pipeline::{Pipeline, TimeMode};
 use crate::report::Report;
 
 #[derive(Debug, thiserror::Error)]
@@ -154,12 +154,7 @@ pub async fn run(input: &Path, replay: bool, opts: RunOptions) -> Result<Ended, 
                     // later (stopped, completed) is not known yet.
                     order.status = "active".into();
                 }
-                let source_id = order.source_id.clone();
-                let outcome = match p.process(order).await {
-                    Ok(o) => o,
-                    Err(e) if e.is_transient() => return Err(e.into()),
-                    Err(e) => refused(source_id, e),
-                };
+                let outcome = p.submit(order).await?;
                 if outcome.rx_id.is_none() {
                     // Intake refused it: say where, and keep the line.
                     let mut bad = line.bad;
@@ -236,12 +231,7 @@ pub async fn demo(seed: u64, orders: usize, opts: RunOptions) -> Result<Ended, C
         if let Some(at) = order.authored_on {
             p.set_time(at);
         }
-        let source_id = order.source_id.clone();
-        let outcome = match p.process(order).await {
-            Ok(o) => o,
-            Err(e) if e.is_transient() => return Err(e.into()),
-            Err(e) => refused(source_id, e),
-        };
+        let outcome = p.submit(order).await?;
         report.add(outcome);
         bar.inc(1);
     }

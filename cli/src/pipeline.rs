@@ -44,7 +44,7 @@ pub async fn drain(svc: &Services, events: Vec<PipelineEvent>) -> Result<(), Ste
     let mut bus: VecDeque<PipelineEvent> = events.into();
     let mut first_error = None;
     while let Some(ev) = bus.pop_front() {
-        match with_retry(|| dispatch(svc, &ev)).await {
+        match with_retry(true, || dispatch(svc, &ev)).await {
             Ok(next) => bus.extend(next),
             Err(e) => {
                 tracing::warn!(event = ev.kind.type_name(), rx_id = %ev.rx_id, error = %e, "step failed");
@@ -55,7 +55,10 @@ pub async fn drain(svc: &Services, events: Vec<PipelineEvent>) -> Result<(), Ste
     first_error.map_or(Ok(()), Err)
 }
 
-async fn with_retry<T, F, Fut>(mut f: F) -> Result<T, StepError>
+/// Try `f` again on a transient failure, and on a lost conditional write when `on_conflict`
+/// (a queue step redelivered reads the new state; intake's conflicts are about the input and
+/// would only be waited out).
+async fn with_retry<T, F, Fut>(on_conflict: bool, mut f: F) -> Result<T, StepError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, StepError>>,
@@ -65,7 +68,8 @@ where
         match f().await {
             Err(e)
                 if attempt < ATTEMPTS
-                    && (e.is_transient() || matches!(e, StepError::Conflict(_))) =>
+                    && (e.is_transient()
+                        || (on_conflict && matches!(e, StepError::Conflict(_)))) =>
             {
                 tokio::time::sleep(Duration::from_millis(5 << attempt)).await;
                 attempt += 1;
@@ -212,6 +216,16 @@ impl Pipeline {
         Ok(())
     }
 
+    /// [`Pipeline::process`], with every refusal of the order itself as its outcome: `Err` only
+    /// when the store or a key service fails (the run stops; rerunning resumes it).
+    pub async fn submit(&mut self, order: MedicationOrder) -> Result<OrderOutcome, StepError> {
+        let source_id = order.source_id.clone();
+        match self.process(order).await {
+            Err(e) if !e.is_transient() => Ok(refused(source_id, e)),
+            other => other,
+        }
+    }
+
     /// Take one order from intake through the queue steps, then (with a pharmacist named)
     /// verification and dispensing. `Err` only for failures that say nothing about the order
     /// itself (the store or key service failing); a refused order is an `Ok` outcome.
@@ -220,9 +234,10 @@ impl Pipeline {
         let source_id = order.source_id.clone();
         let svc = self.emb.services.clone();
         let tenant = self.tenant.clone();
-        let submitted =
-            with_retry(|| rx_fn_intake::submit_order(&svc, &self.operator, &tenant, order.clone()))
-                .await;
+        let submitted = with_retry(false, || {
+            rx_fn_intake::submit_order(&svc, &self.operator, &tenant, order.clone())
+        })
+        .await;
         let (accepted, event) = match submitted {
             Ok(x) => x,
             Err(e @ StepError::Invalid { .. }) => {
@@ -270,7 +285,7 @@ impl Pipeline {
             serde_json::from_value(serde_json::json!({ "decision": "approve" }))
                 .map_err(|e| StepError::invalid(format!("verification request: {e}")))?;
         let verified =
-            match with_retry(|| rx_fn_verify::handle(svc, p, None, rx_id, &approve)).await {
+            match with_retry(true, || rx_fn_verify::handle(svc, p, None, rx_id, &approve)).await {
                 Ok(v) => v.status,
                 Err(e) => return Ok((None, left_with_pharmacist(e, "verification-refused")?)),
             };
@@ -297,7 +312,7 @@ impl Pipeline {
             quantity,
             days_supply: order.days_supply.is_none().then_some(days),
         };
-        match with_retry(|| rx_fn_dispense::handle(svc, p, None, rx_id, &fill)).await {
+        match with_retry(true, || rx_fn_dispense::handle(svc, p, None, rx_id, &fill)).await {
             Ok(d) => Ok((Some(d.status), None)),
             Err(e) => Ok((Some(verified), left_with_pharmacist(e, "dispense-refused")?)),
         }

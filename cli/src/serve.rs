@@ -454,11 +454,16 @@ async fn submit(
         &json!({"resourceType": "Bundle", "type": "transaction-response", "entry": entries}),
     );
     if let Some(first) = out.accepted.first() {
-        if let Ok(v) = HeaderValue::from_str(&format!("/prescriptions/{}", first.rx_id)) {
-            res.headers_mut().insert(header::LOCATION, v);
-        }
+        set_location(&mut res, &format!("/prescriptions/{}", first.rx_id));
     }
     Ok(res)
+}
+
+/// The `Location` of what a request created (ids are UUIDs, always a valid header value).
+fn set_location(res: &mut Response, path: &str) {
+    if let Ok(v) = HeaderValue::from_str(path) {
+        res.headers_mut().insert(header::LOCATION, v);
+    }
 }
 
 async fn read_prescription(
@@ -547,9 +552,7 @@ async fn dispense(
     st.pipeline.publish(out.events);
     let mut res = rxhttp::fhir(StatusCode::CREATED, &out.dispense);
     if let Some(did) = out.dispense.get("id").and_then(Value::as_str) {
-        if let Ok(v) = HeaderValue::from_str(&format!("/prescriptions/{id}/dispenses/{did}")) {
-            res.headers_mut().insert(header::LOCATION, v);
-        }
+        set_location(&mut res, &format!("/prescriptions/{id}/dispenses/{did}"));
     }
     Ok(res)
 }

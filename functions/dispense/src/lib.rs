@@ -9,13 +9,13 @@ use rx_domain::validate::{
     check_fill, check_fill_days_supply, check_fill_quantity, next_refill_number, MIN_QUANTITY,
 };
 use rx_domain::Reason;
-use rx_domain::{Fill, PatientRecord, PrescriptionRecord, Status, Transition};
+use rx_domain::{Fill, PrescriptionRecord, Status, Transition};
 use rx_guard::access::{Action, Principal};
 use rx_platform::event::PipelineEvent;
 use rx_platform::flow::{emit, load_patient, load_rx_as, save_rx};
 use rx_platform::{Services, StepError};
-use rx_store::repo::{domains, AuditCtx, PatientFile, ProfileEntry};
-use rx_store::{Changes, Table};
+use rx_store::repo::{AuditCtx, PatientFile, ProfileEntry};
+use rx_store::Changes;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -192,13 +192,7 @@ async fn profile_update(
     let mut file = existing
         .as_ref()
         .map(|d| d.body.clone())
-        .unwrap_or_else(|| PatientFile {
-            patient: PatientRecord {
-                source_id: patient_ref.clone(),
-                ..Default::default()
-            },
-            profile: Vec::new(),
-        });
+        .unwrap_or_else(|| PatientFile::new(patient_ref));
     match file.profile.iter_mut().find(|e| e.rx_id == rx_id) {
         Some(e) => e.last_fill = Some(fill.clone()),
         None => file.profile.push(ProfileEntry {
@@ -207,27 +201,15 @@ async fn profile_update(
             last_fill: Some(fill.clone()),
         }),
     }
-    let (write, ev) = match &existing {
-        Some(doc) => svc.vault.updated_row(cx, &doc.row, "active", &file).await?,
-        None => {
-            let idx = svc.vault.blind(domains::PATIENT, patient_ref);
-            svc.vault
-                .new_row(
-                    cx,
-                    Table::Patients,
-                    tenant,
-                    &uuid::Uuid::now_v7().to_string(),
-                    "active",
-                    Some(idx.clone()),
-                    Some(idx),
-                    &file,
-                )
-                .await?
-        }
-    };
-    Ok(Changes {
-        writes: vec![write],
-        transitions: Vec::new(),
-        audit: vec![ev],
-    })
+    let (write, ev, _) = svc
+        .vault
+        .patient_write(
+            cx,
+            tenant,
+            patient_ref,
+            existing.as_ref().map(|d| &d.row),
+            &file,
+        )
+        .await?;
+    Ok(Changes::single(write, ev))
 }

@@ -260,49 +260,20 @@ async fn upsert_patient(
     patient_ref: &str,
     change: impl Fn(&mut PatientFile),
 ) -> Result<String, StepError> {
-    let idx = svc.vault.blind(domains::PATIENT, patient_ref);
     // A concurrent writer may win the conditional write: read again and re-apply.
     for _ in 0..5 {
         let existing: Option<Stored<PatientFile>> =
             load_patient(svc, cx, tenant, patient_ref).await?;
-        let (write, ev, id) = match existing {
-            Some(doc) => {
-                let mut file = doc.body;
-                change(&mut file);
-                let (w, e) = svc.vault.updated_row(cx, &doc.row, "active", &file).await?;
-                (w, e, doc.row.id)
-            }
-            None => {
-                let mut file = PatientFile {
-                    patient: PatientRecord {
-                        source_id: patient_ref.to_string(),
-                        ..Default::default()
-                    },
-                    profile: Vec::new(),
-                };
-                change(&mut file);
-                let id = uuid::Uuid::now_v7().to_string();
-                let (w, e) = svc
-                    .vault
-                    .new_row(
-                        cx,
-                        Table::Patients,
-                        tenant,
-                        &id,
-                        "active",
-                        Some(idx.clone()),
-                        Some(idx.clone()),
-                        &file,
-                    )
-                    .await?;
-                (w, e, id)
-            }
+        let (mut file, row) = match existing {
+            Some(doc) => (doc.body, Some(doc.row)),
+            None => (PatientFile::new(patient_ref), None),
         };
-        let changes = Changes {
-            writes: vec![write],
-            transitions: Vec::new(),
-            audit: vec![ev],
-        };
+        change(&mut file);
+        let (write, ev, id) = svc
+            .vault
+            .patient_write(cx, tenant, patient_ref, row.as_ref(), &file)
+            .await?;
+        let changes = Changes::single(write, ev);
         match svc.vault.store.commit(changes).await {
             Ok(()) => return Ok(id),
             Err(rx_store::StoreError::Conflict(_)) => continue,
@@ -370,13 +341,7 @@ pub async fn register_prescriber(
             (w, e, id)
         }
     };
-    svc.vault
-        .commit(Changes {
-            writes: vec![write],
-            transitions: Vec::new(),
-            audit: vec![ev],
-        })
-        .await?;
+    svc.vault.commit(Changes::single(write, ev)).await?;
     Ok(id)
 }
 
@@ -415,12 +380,6 @@ pub async fn quarantine(
         )
         .await?;
     ev.action = rx_guard::audit::Action::Quarantine;
-    svc.vault
-        .commit(Changes {
-            writes: vec![write],
-            transitions: Vec::new(),
-            audit: vec![ev],
-        })
-        .await?;
+    svc.vault.commit(Changes::single(write, ev)).await?;
     Ok(id)
 }

@@ -3,12 +3,12 @@
 //! MME, early refill) and queue the order, with its alerts, for a pharmacist.
 
 use rx_domain::dur::{self, OtherOrder};
-use rx_domain::{PatientRecord, Status, Transition};
+use rx_domain::{Status, Transition};
 use rx_platform::event::PipelineEvent;
 use rx_platform::flow::{emit, load_patient, load_rx, redeliver, save_rx};
 use rx_platform::{Services, StepError};
-use rx_store::repo::{domains, AuditCtx, PatientFile, ProfileEntry};
-use rx_store::{Changes, Table};
+use rx_store::repo::{AuditCtx, PatientFile, ProfileEntry};
+use rx_store::Changes;
 
 pub const FUNCTION: &str = "review";
 
@@ -26,16 +26,7 @@ pub async fn handle(
     let mut record = rx.record.clone();
     let (file, patient_row) = match patient {
         Some(doc) => (doc.body, Some(doc.row)),
-        None => (
-            PatientFile {
-                patient: PatientRecord {
-                    source_id: record.order.patient_ref.clone(),
-                    ..Default::default()
-                },
-                profile: Vec::new(),
-            },
-            None,
-        ),
+        None => (PatientFile::new(&record.order.patient_ref), None),
     };
     let others: Vec<OtherOrder<'_>> = file
         .profile
@@ -66,29 +57,17 @@ pub async fn handle(
         order: record.order.clone(),
         last_fill: None,
     });
-    let (write, ev) = match &patient_row {
-        Some(row) => svc.vault.updated_row(&cx, row, "active", &file).await?,
-        None => {
-            let idx = svc.vault.blind(domains::PATIENT, &record.order.patient_ref);
-            svc.vault
-                .new_row(
-                    &cx,
-                    Table::Patients,
-                    &event.tenant,
-                    &uuid::Uuid::now_v7().to_string(),
-                    "active",
-                    Some(idx.clone()),
-                    Some(idx),
-                    &file,
-                )
-                .await?
-        }
-    };
-    let extra = Changes {
-        writes: vec![write],
-        transitions: Vec::new(),
-        audit: vec![ev],
-    };
+    let (write, ev, _) = svc
+        .vault
+        .patient_write(
+            &cx,
+            &event.tenant,
+            &record.order.patient_ref,
+            patient_row.as_ref(),
+            &file,
+        )
+        .await?;
+    let extra = Changes::single(write, ev);
     let saved = save_rx(
         svc,
         &cx,

@@ -101,6 +101,15 @@ pub struct Changes {
 }
 
 impl Changes {
+    /// One write and its audit event.
+    pub fn single(write: Write, event: AuditEvent) -> Self {
+        Changes {
+            writes: vec![write],
+            transitions: Vec::new(),
+            audit: vec![event],
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.writes.is_empty() && self.transitions.is_empty() && self.audit.is_empty()
     }

@@ -118,6 +118,19 @@ pub struct PatientFile {
     pub profile: Vec<ProfileEntry>,
 }
 
+impl PatientFile {
+    /// The empty file of a patient known so far only by the reference orders use.
+    pub fn new(patient_ref: &str) -> Self {
+        PatientFile {
+            patient: PatientRecord {
+                source_id: patient_ref.to_string(),
+                ..Default::default()
+            },
+            profile: Vec::new(),
+        }
+    }
+}
+
 /// One of the patient's orders that review has seen, with its last fill.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ProfileEntry {
@@ -337,6 +350,41 @@ impl Vault {
             },
             ev,
         ))
+    }
+
+    /// The write that stores a patient's file: the next version of `current`, or a new row
+    /// found by the patient's blind index. Returns the row id with the write and its event.
+    pub async fn patient_write(
+        &self,
+        cx: &AuditCtx,
+        tenant: &str,
+        patient_ref: &str,
+        current: Option<&Row>,
+        file: &PatientFile,
+    ) -> RepoResult<(Write, AuditEvent, String)> {
+        match current {
+            Some(row) => {
+                let (w, e) = self.updated_row(cx, row, "active", file).await?;
+                Ok((w, e, row.id.clone()))
+            }
+            None => {
+                let id = uuid::Uuid::now_v7().to_string();
+                let idx = self.blind(domains::PATIENT, patient_ref);
+                let (w, e) = self
+                    .new_row(
+                        cx,
+                        Table::Patients,
+                        tenant,
+                        &id,
+                        "active",
+                        Some(idx.clone()),
+                        Some(idx),
+                        file,
+                    )
+                    .await?;
+                Ok((w, e, id))
+            }
+        }
     }
 
     /// Commit a change set atomically.
