@@ -32,6 +32,7 @@ use rx_platform::http::{self as rxhttp, AppState, Caller, FhirJson, FhirPath, Fh
 use rx_platform::services::{Embedded, SetupError};
 use rx_platform::{Services, StepError, SystemClock};
 use rx_store::repo::domains;
+use rx_store::sqlite::SqliteStore;
 use rx_store::Table;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -325,6 +326,26 @@ pub fn spawn_pipeline(
     Ok((pipeline, done))
 }
 
+/// How long the pipeline's own change sets (no caller waits on them) may stay in the open group
+/// before they are made durable.
+const GROUP_COMMIT_EVERY: Duration = Duration::from_millis(10);
+
+/// Syncs the store every [`GROUP_COMMIT_EVERY`] until it is closed.
+fn spawn_group_committer(store: &Arc<SqliteStore>) -> Result<(), ServeError> {
+    let weak = Arc::downgrade(store);
+    std::thread::Builder::new()
+        .name("rxflow-group-commit".into())
+        .spawn(move || loop {
+            std::thread::sleep(GROUP_COMMIT_EVERY);
+            let Some(store) = weak.upgrade() else { break };
+            if let Err(e) = store.sync() {
+                tracing::error!(error = %e, "a group commit failed; the pipeline's latest steps are redone at the next start");
+            }
+        })
+        .map_err(ServeError::Serve)?;
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------------
 // Routes
 
@@ -344,6 +365,7 @@ type Answer = Result<Response, StepError>;
 
 /// The router of every endpoint, wrapped in the shared HTTP layer.
 pub fn app(state: AppState, pipeline: Pipeline, limits: &Limits) -> Router {
+    let svc = state.svc.clone();
     let routes = Router::new()
         .route("/healthz", get(healthz))
         .route("/prescriptions", post(submit))
@@ -361,7 +383,11 @@ pub fn app(state: AppState, pipeline: Pipeline, limits: &Limits) -> Router {
         .with_state(ServeState {
             app: state,
             pipeline,
-        });
+        })
+        .layer(axum::middleware::from_fn_with_state(
+            svc,
+            rxhttp::durable_before_answer,
+        ));
     rxhttp::with_layers(routes, limits)
 }
 
@@ -876,6 +902,10 @@ pub async fn bind_with(args: &ServeArgs, limits: Limits) -> Result<Server, Serve
     let mut config = Config::from_env()?;
     config.data_dir = args.data_dir.clone();
     let embedded = Embedded::open(&config, Arc::new(SystemClock))?;
+    // Group commit: concurrent requests and the pipeline share commits; every answer waits for
+    // its own changes to be durable (rxhttp::durable_before_answer), the rest is synced here.
+    embedded.store.group_commit(true);
+    spawn_group_committer(&embedded.store)?;
     let verifier = verifier_from_env(&args.data_dir, |k| std::env::var(k).ok())?;
     let state = AppState::new(embedded.services, verifier);
     let (pipeline, pipeline_done) =
@@ -1041,6 +1071,84 @@ mod tests {
                 .len();
         }
         n
+    }
+
+    /// Under group commit a handler's change sets wait in the open group: the answer leaves only
+    /// once they are durable, and a caller whose changes could not be made durable gets a 503
+    /// OperationOutcome, not the handler's success.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_answer_leaves_only_once_its_changes_are_durable() {
+        use tower::ServiceExt;
+        let dir = tempfile::tempdir().expect("dir");
+        let mut config = Config::from_lookup(|_| None).expect("config");
+        config.data_dir = dir.path().join("data");
+        let emb = Embedded::open(&config, Arc::new(SystemClock)).expect("embedded");
+        emb.store.group_commit(true);
+        let svc = Arc::new(emb.services);
+        let db = emb.store.path().to_path_buf();
+        let from = db.clone();
+        let durable = move || {
+            let c = rusqlite::Connection::open(&db).expect("second connection");
+            c.query_row("SELECT COUNT(*) FROM audit", [], |r| r.get::<_, i64>(0))
+                .expect("count")
+        };
+        let app = |svc: Arc<Services>, move_to: Option<PathBuf>| {
+            let from = from.clone();
+            Router::new()
+                .route(
+                    "/write",
+                    post(move |State(svc): State<Arc<Services>>| async move {
+                        let from = from.clone();
+                        let cx = AuditCtx::system(INTAKE, TENANT);
+                        let ev = cx.event(
+                            rx_guard::audit::Action::Read,
+                            "MedicationRequest",
+                            "rx-1",
+                            None,
+                            rx_guard::audit::Outcome::Success,
+                        );
+                        svc.vault
+                            .audit(&[ev])
+                            .await
+                            .expect("append joins the group");
+                        if let Some(to) = &move_to {
+                            // The store file goes away before the group is committed.
+                            std::fs::rename(&from, to).expect("move");
+                        }
+                        StatusCode::CREATED
+                    }),
+                )
+                .with_state(svc.clone())
+                .layer(axum::middleware::from_fn_with_state(
+                    svc,
+                    rxhttp::durable_before_answer,
+                ))
+        };
+        let before = durable();
+        let req = || {
+            axum::http::Request::post("/write")
+                .body(axum::body::Body::empty())
+                .expect("request")
+        };
+        let res = app(svc.clone(), None).oneshot(req()).await.expect("answer");
+        assert_eq!(res.status(), StatusCode::CREATED);
+        assert_eq!(
+            durable(),
+            before + 1,
+            "the event was durable when the answer left"
+        );
+
+        let res = app(svc.clone(), Some(dir.path().join("moved.db")))
+            .oneshot(req())
+            .await
+            .expect("answer");
+        assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let body = axum::body::to_bytes(res.into_body(), 1 << 16)
+            .await
+            .expect("body");
+        let v: Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(v["resourceType"], "OperationOutcome");
+        assert_eq!(svc.vault.store.lost_commits(), 1);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -544,6 +544,36 @@ async fn shed_load(State(slots): State<Arc<Semaphore>>, req: Request, next: Next
     }
 }
 
+/// Answers only once everything the request did is durable. Under group commit the change sets
+/// a handler made (its writes, its audit events, its denials) become durable at the next sync:
+/// this layer syncs before the response leaves. If that fails, or a group commit that may have
+/// held this request's work failed while it ran, the caller gets 503 and no success whose
+/// record could be lost. A store that commits durably each time makes this free.
+pub async fn durable_before_answer(
+    State(svc): State<Arc<Services>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let store = svc.vault.store.clone();
+    let lost = store.lost_commits();
+    let res = next.run(req).await;
+    let synced = store.durable().await;
+    if synced.is_ok() && store.lost_commits() == lost {
+        return res;
+    }
+    if let Err(e) = synced {
+        tracing::error!(error = %e, "could not make a request's changes durable");
+    } else {
+        tracing::error!("a group commit failed while the request ran");
+    }
+    outcome(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "transient",
+        "the service could not store the request's changes durably; nothing was accepted, \
+         try again",
+    )
+}
+
 /// Runs the rest of the request (extractors, handler) on the blocking pool. The embedded store
 /// does its SQLite work synchronously behind a lock inside its async methods; on a runtime
 /// worker that would stall every connection the worker serves while it waits for the lock (at

@@ -195,6 +195,16 @@ pub trait RecordStore: AuditSink + Send + Sync {
     async fn last_updated(&self, table: Table) -> StoreResult<Option<DateTime<Utc>>>;
     /// Atomically apply a change set (see [`Changes`]).
     async fn commit(&self, changes: Changes) -> StoreResult<()>;
+    /// Makes every change set committed so far durable. A store whose commits are durable when
+    /// they return (DynamoDB; SQLite outside group commit) has nothing to do.
+    async fn durable(&self) -> StoreResult<()> {
+        Ok(())
+    }
+    /// How many group commits have failed so far: a caller that saw this number change while
+    /// it worked cannot tell whether its change sets survived, and must fail.
+    fn lost_commits(&self) -> u64 {
+        0
+    }
     /// The transitions of one prescription, in order.
     async fn transitions(&self, tenant: &str, rx_id: &str) -> StoreResult<Vec<TransitionRow>>;
 

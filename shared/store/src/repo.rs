@@ -3,7 +3,8 @@
 //! Every body is sealed with rx-guard before it reaches the store, identifiers are replaced by
 //! blind indexes, and every read, write or disclosure appends exactly one audit event. Reads are
 //! audited before the opened value is returned (a read whose audit event cannot be stored fails);
-//! writes carry their audit events in the same atomic change set as the data.
+//! writes carry their audit events in the same atomic change set as the data. Under group commit
+//! both become durable at the next sync, which every HTTP answer waits for.
 
 use std::sync::Arc;
 

@@ -6,17 +6,24 @@
 //! `.await`. A change set is one transaction, or, inside a batch ([`SqliteStore::begin_batch`]),
 //! one savepoint of the batch's long transaction: a failed change set leaves nothing behind and
 //! the rest of the batch stands. Inside a batch, writes become durable at
-//! [`SqliteStore::end_batch`].
+//! [`SqliteStore::end_batch`]; a single audit event is one INSERT, atomic by itself, with no
+//! savepoint of its own. A server runs in group commit ([`SqliteStore::group_commit`]): change
+//! sets join an open batch that [`SqliteStore::sync`] commits, and every answer waits for it
+//! (`rx_platform::http::durable_before_answer`), so concurrent requests and the pipeline share
+//! commits instead of each writing the same index pages again.
 //!
 //! The audit, transitions and checkpoints tables are append-only: triggers refuse UPDATE and
 //! DELETE. Each audit event is chained to the one before it, read from the table inside the same
-//! transaction (never from a cached head), so a rolled-back change set cannot leave a gap.
+//! transaction; inside a batch (which holds the write lock throughout) the head the last
+//! successful append left is kept, and dropped whenever a change set rolls back, so a
+//! rolled-back change set cannot leave a gap.
 
 mod columns;
 mod error;
 mod schema;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -47,6 +54,8 @@ pub struct SqliteStore {
     /// an open store (SQLite would carry on writing to the unlinked file) is caught at commit.
     identity: Option<(u64, u64)>,
     inner: Mutex<Inner>,
+    /// Batches whose COMMIT failed (their change sets are lost).
+    lost_commits: AtomicU64,
 }
 
 fn file_identity(path: &Path) -> Option<(u64, u64)> {
@@ -69,7 +78,16 @@ struct Inner {
     /// A change set (transaction or savepoint) is open: only true while a method runs, so it is
     /// seen true only after a panic poisoned the lock.
     in_unit: bool,
+    /// The audit chain's head as the open batch's last successful statement left it. Only kept
+    /// while a batch holds the write lock (no other connection can append meanwhile), dropped
+    /// whenever a change set rolls back; outside a batch the head is read from the table.
+    head: Option<Head>,
+    /// Group commit ([`SqliteStore::group_commit`]): a change set outside a batch opens one.
+    group: bool,
 }
+
+/// The last audit event's sequence number and hash.
+type Head = (i64, [u8; 32]);
 
 impl SqliteStore {
     /// Opens the store at `path`, creating the file (mode 0600) and the schema on first use.
@@ -116,7 +134,10 @@ impl SqliteStore {
                 tables: schema::all_table_sql(),
                 in_batch: false,
                 in_unit: false,
+                head: None,
+                group: false,
             }),
+            lost_commits: AtomicU64::new(0),
         })
     }
 
@@ -142,7 +163,7 @@ impl SqliteStore {
     /// The check value stored under `name`, storing `value` if there is none yet. Returns what
     /// was stored before (so the caller can compare), `None` on first use.
     pub fn check_value(&self, name: &str, value: &[u8]) -> StoreResult<Option<Vec<u8>>> {
-        self.unit("recording a key check value", |conn, _| {
+        self.unit("recording a key check value", |conn, _, _| {
             let found: Option<Vec<u8>> = conn
                 .query_row("SELECT value FROM meta WHERE name = ?1", [name], |r| {
                     r.get(0)
@@ -180,6 +201,7 @@ impl SqliteStore {
         }
         exec(&inner.conn, "BEGIN IMMEDIATE").map_err(|e| map("beginning a batch", e))?;
         inner.in_batch = true;
+        inner.head = None;
         Ok(())
     }
 
@@ -191,14 +213,50 @@ impl SqliteStore {
                 "no batch is open on this store; call begin_batch first".into(),
             ));
         }
+        self.commit_batch(&mut inner)
+    }
+
+    /// Group commit, for a server: while on, a change set outside a batch opens one (and
+    /// becomes a savepoint of it), so many change sets share one commit and one write of the
+    /// pages they touch. They are durable only after [`SqliteStore::sync`]: whoever answers a
+    /// caller syncs first; a background task syncs the rest.
+    pub fn group_commit(&self, on: bool) {
+        self.lock().group = on;
+    }
+
+    /// Makes every change set so far durable (commits the open batch, if any). On failure the
+    /// batch's change sets are lost and [`RecordStore::lost_commits`] counts it.
+    pub fn sync(&self) -> StoreResult<()> {
+        let mut inner = self.lock();
+        if !inner.in_batch {
+            return Ok(());
+        }
+        self.commit_batch(&mut inner)
+    }
+
+    fn commit_batch(&self, inner: &mut Inner) -> StoreResult<()> {
         inner.in_batch = false;
+        inner.head = None;
         if let Err(e) = self.check_file() {
             rollback_if_open(&inner.conn);
+            self.lost_commits.fetch_add(1, Ordering::SeqCst);
             return Err(e);
         }
         if let Err(e) = exec(&inner.conn, "COMMIT") {
             rollback_if_open(&inner.conn);
+            self.lost_commits.fetch_add(1, Ordering::SeqCst);
             return Err(map("committing a batch (its change sets are lost)", e));
+        }
+        Ok(())
+    }
+
+    /// In group-commit mode, opens the batch a change set joins.
+    fn join_group(&self, inner: &mut Inner, what: &str) -> StoreResult<()> {
+        if inner.group && !inner.in_batch {
+            self.check_file()?;
+            exec(&inner.conn, "BEGIN IMMEDIATE").map_err(|e| map(what, e))?;
+            inner.in_batch = true;
+            inner.head = None;
         }
         Ok(())
     }
@@ -210,6 +268,7 @@ impl SqliteStore {
             Ok(guard) => guard,
             Err(poisoned) => {
                 let mut guard = poisoned.into_inner();
+                guard.head = None;
                 if guard.in_unit {
                     if guard.in_batch {
                         let _ = guard
@@ -226,17 +285,20 @@ impl SqliteStore {
         }
     }
 
-    /// Runs `f` as one change set: all of its writes or none.
+    /// Runs `f` as one change set: all of its writes or none. `f` gets the connection, the
+    /// table statements and the audit chain head cache (see [`Inner::head`]).
     fn unit<T>(
         &self,
         what: &str,
-        f: impl FnOnce(&Connection, &[TableSql; 5]) -> StoreResult<T>,
+        f: impl FnOnce(&Connection, &[TableSql; 5], &mut Option<Head>) -> StoreResult<T>,
     ) -> StoreResult<T> {
         let mut guard = self.lock();
         let inner = &mut *guard;
+        self.join_group(inner, what)?;
         let batch = inner.in_batch;
         if !batch {
             self.check_file()?;
+            inner.head = None;
         }
         let begin = if batch {
             "SAVEPOINT change_set"
@@ -245,7 +307,7 @@ impl SqliteStore {
         };
         exec(&inner.conn, begin).map_err(|e| map(what, e))?;
         inner.in_unit = true;
-        let result = f(&inner.conn, &inner.tables).and_then(|v| {
+        let result = f(&inner.conn, &inner.tables, &mut inner.head).and_then(|v| {
             let end = if batch {
                 "RELEASE change_set"
             } else {
@@ -255,6 +317,7 @@ impl SqliteStore {
             Ok(v)
         });
         if result.is_err() {
+            inner.head = None;
             if batch {
                 let _ = exec(&inner.conn, "ROLLBACK TO change_set");
                 let _ = exec(&inner.conn, "RELEASE change_set");
@@ -262,8 +325,31 @@ impl SqliteStore {
                 rollback_if_open(&inner.conn);
             }
         }
+        if !batch {
+            inner.head = None;
+        }
         inner.in_unit = false;
         result
+    }
+
+    /// Appends audit events on their own. Inside a batch one event is one INSERT, atomic by
+    /// itself, so it needs no savepoint of its own (several still get one).
+    fn append_alone(&self, events: &[AuditEvent]) -> StoreResult<()> {
+        {
+            let mut guard = self.lock();
+            let inner = &mut *guard;
+            self.join_group(inner, "appending audit events")?;
+            if inner.in_batch && events.len() == 1 {
+                let result = append_events(&inner.conn, events, &mut inner.head);
+                if result.is_err() {
+                    inner.head = None;
+                }
+                return result;
+            }
+        }
+        self.unit("appending audit events", |conn, _, head| {
+            append_events(conn, events, head)
+        })
     }
 
     /// Runs a read-only query.
@@ -516,18 +602,28 @@ fn insert_transition(conn: &Connection, tr: &TransitionRow) -> StoreResult<()> {
 }
 
 /// Appends `events` to the chain, reading its head from the table inside the open transaction.
-fn append_events(conn: &Connection, events: &[AuditEvent]) -> StoreResult<()> {
+/// Appends `events` to the chain. `cached` is the head the open batch last left (used when set,
+/// else read from the table) and is set to the new head; the caller drops it if the statement's
+/// change set rolls back.
+fn append_events(
+    conn: &Connection,
+    events: &[AuditEvent],
+    cached: &mut Option<Head>,
+) -> StoreResult<()> {
     if events.is_empty() {
         return Ok(());
     }
     let what = "appending audit events";
-    let head = conn
-        .prepare_cached(schema::AUDIT_HEAD)
-        .and_then(|mut s| {
-            s.query_row([], |r| Ok((r.get::<_, i64>(0)?, hash32(1, r.get(1)?)?)))
-                .optional()
-        })
-        .map_err(|e| map(what, e))?;
+    let head = match cached.take() {
+        Some(h) => Some(h),
+        None => conn
+            .prepare_cached(schema::AUDIT_HEAD)
+            .and_then(|mut s| {
+                s.query_row([], |r| Ok((r.get::<_, i64>(0)?, hash32(1, r.get(1)?)?)))
+                    .optional()
+            })
+            .map_err(|e| map(what, e))?,
+    };
     let (mut seq, mut prev) = head.unwrap_or((0, chain::GENESIS));
     let mut insert = conn
         .prepare_cached(schema::INSERT_AUDIT)
@@ -553,6 +649,7 @@ fn append_events(conn: &Connection, events: &[AuditEvent]) -> StoreResult<()> {
             .map_err(|e| map(what, e))?;
         prev = hash;
     }
+    *cached = Some((seq, prev));
     Ok(())
 }
 
@@ -562,10 +659,8 @@ impl AuditSink for SqliteStore {
         if events.is_empty() {
             return Ok(());
         }
-        self.unit("appending audit events", |conn, _| {
-            append_events(conn, events)
-        })
-        .map_err(|e| GuardError::AuditUnavailable(e.to_string()))
+        self.append_alone(events)
+            .map_err(|e| GuardError::AuditUnavailable(e.to_string()))
     }
 }
 
@@ -670,18 +765,26 @@ impl RecordStore for SqliteStore {
         )
     }
 
+    async fn durable(&self) -> StoreResult<()> {
+        self.sync()
+    }
+
+    fn lost_commits(&self) -> u64 {
+        self.lost_commits.load(Ordering::SeqCst)
+    }
+
     async fn commit(&self, changes: Changes) -> StoreResult<()> {
         if changes.is_empty() {
             return Ok(());
         }
-        self.unit("committing a change set", |conn, tables| {
+        self.unit("committing a change set", |conn, tables, head| {
             for write in &changes.writes {
                 apply_write(conn, tables, write)?;
             }
             for tr in &changes.transitions {
                 insert_transition(conn, tr)?;
             }
-            append_events(conn, &changes.audit)
+            append_events(conn, &changes.audit, head)
         })
     }
 
@@ -811,7 +914,7 @@ impl RecordStore for SqliteStore {
         let number = to_i64(cp.number, "checkpoint number")?;
         let first = to_i64(cp.first_seq, "checkpoint first_seq")?;
         let last_seq = to_i64(cp.last_seq, "checkpoint last_seq")?;
-        self.unit("storing a checkpoint", |conn, _| {
+        self.unit("storing a checkpoint", |conn, _, _| {
             let last: i64 = conn
                 .prepare_cached(schema::LAST_CHECKPOINT)
                 .and_then(|mut s| s.query_row([], |r| r.get(0)))
