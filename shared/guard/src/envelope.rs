@@ -17,6 +17,11 @@
 //! [`CacheLimits::max_age`] and [`CacheLimits::max_uses`] records (far below the 2^32 random-nonce
 //! limit of GCM), and unwrapped keys for opening are kept for at most `max_age`, at most
 //! `max_open_entries` of them.
+//!
+//! Nonces are deterministic per data key (NIST SP 800-38D 8.2.1, as TLS 1.3 does): a random
+//! 96-bit base drawn when the key is made, XOR the key's use count. A data key seals only in the
+//! process that made it, and its count only goes up, so no nonce repeats under a key, and a
+//! seal costs no call to the random generator.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -92,8 +97,33 @@ impl CacheLimits {
 struct SealKey {
     key: Arc<LessSafeKey>,
     wrapped: Arc<[u8]>,
+    /// Random when the key was made; each seal's nonce is this XOR its use number.
+    nonce_base: [u8; NONCE_LEN],
     born: Instant,
     uses: u64,
+}
+
+/// A data key for one seal, with the nonce that seal uses.
+struct SealWith {
+    key: Arc<LessSafeKey>,
+    wrapped: Arc<[u8]>,
+    nonce: [u8; NONCE_LEN],
+}
+
+/// `base` XOR `n` (big-endian, in the low 8 bytes).
+fn nth_nonce(base: &[u8; NONCE_LEN], n: u64) -> [u8; NONCE_LEN] {
+    let mut nonce = *base;
+    for (b, c) in nonce[NONCE_LEN - 8..].iter_mut().zip(n.to_be_bytes()) {
+        *b ^= c;
+    }
+    nonce
+}
+
+fn random_nonce_base() -> Result<[u8; NONCE_LEN]> {
+    let mut base = [0u8; NONCE_LEN];
+    aws_lc_rs::rand::fill(&mut base)
+        .map_err(|_| GuardError::KeyUnavailable("the system random generator failed".into()))?;
+    Ok(base)
 }
 
 struct OpenKey {
@@ -174,14 +204,20 @@ impl Sealer {
         self.provider.key_id()
     }
 
-    /// A data key for sealing in `tenant`: the cached one while within limits, else a new one.
-    async fn sealing_key(&self, tenant: &str) -> Result<(Arc<LessSafeKey>, Arc<[u8]>)> {
+    /// A data key for sealing in `tenant` and the nonce to use: the cached key while within
+    /// limits (its next nonce), else a new key.
+    async fn sealing_key(&self, tenant: &str) -> Result<SealWith> {
         {
             let mut cache = lock(&self.sealing);
             if let Some(k) = cache.get_mut(tenant) {
                 if k.uses < self.limits.max_uses && k.born.elapsed() < self.limits.max_age {
+                    let nonce = nth_nonce(&k.nonce_base, k.uses);
                     k.uses += 1;
-                    return Ok((k.key.clone(), k.wrapped.clone()));
+                    return Ok(SealWith {
+                        key: k.key.clone(),
+                        wrapped: k.wrapped.clone(),
+                        nonce,
+                    });
                 }
                 cache.remove(tenant);
             }
@@ -192,19 +228,25 @@ impl Sealer {
             .await?;
         let key = aead_key(&dk.plaintext)?;
         let wrapped: Arc<[u8]> = dk.wrapped.into();
+        let nonce_base = random_nonce_base()?;
         if self.limits.max_uses > 0 && !self.limits.max_age.is_zero() {
             lock(&self.sealing).insert(
                 tenant.to_string(),
                 SealKey {
                     key: key.clone(),
                     wrapped: wrapped.clone(),
+                    nonce_base,
                     born: Instant::now(),
                     uses: 1,
                 },
             );
             self.remember_open(&wrapped, &key);
         }
-        Ok((key, wrapped))
+        Ok(SealWith {
+            key,
+            wrapped,
+            nonce: nth_nonce(&nonce_base, 0),
+        })
     }
 
     fn remember_open(&self, wrapped: &[u8], key: &Arc<LessSafeKey>) {
@@ -256,12 +298,13 @@ impl Sealer {
     }
 
     async fn seal_inner(&self, aad: &Aad<'_>, plaintext: &[u8]) -> Result<Vec<u8>> {
-        let (key, wrapped) = self.sealing_key(aad.tenant).await?;
+        let SealWith {
+            key,
+            wrapped,
+            nonce,
+        } = self.sealing_key(aad.tenant).await?;
         let wrapped_len = u16::try_from(wrapped.len())
             .map_err(|_| GuardError::KeyUnavailable("wrapped data key is too long".into()))?;
-        let mut nonce = [0u8; NONCE_LEN];
-        aws_lc_rs::rand::fill(&mut nonce)
-            .map_err(|_| GuardError::KeyUnavailable("the system random generator failed".into()))?;
         let header_len = MAGIC_V1.len() + 2 + wrapped.len();
         let mut out = Vec::with_capacity(header_len + NONCE_LEN + plaintext.len() + TAG_LEN);
         out.extend_from_slice(&MAGIC_V1);
@@ -495,6 +538,35 @@ mod tests {
         uncached.open(&HERE, &sealed[0]).await.unwrap();
         uncached.open(&HERE, &sealed[0]).await.unwrap();
         assert_eq!(p.decrypted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn nonces_never_repeat_under_a_data_key_and_differ_between_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = provider(dir.path());
+        let limits = CacheLimits {
+            max_uses: 500,
+            ..CacheLimits::default()
+        };
+        let s = Sealer::new(p.clone(), limits);
+        let mut seen = std::collections::HashSet::new();
+        let mut keys = std::collections::HashSet::new();
+        for i in 0..1200u32 {
+            let sealed = s.seal(&HERE, &i.to_be_bytes()).await.unwrap();
+            let parts = parse(&sealed).unwrap();
+            keys.insert(parts.wrapped.to_vec());
+            assert!(
+                seen.insert((parts.wrapped.to_vec(), parts.nonce.to_vec())),
+                "seal {i} repeated a nonce under its key"
+            );
+            assert_eq!(&s.open(&HERE, &sealed).await.unwrap()[..], &i.to_be_bytes());
+        }
+        assert_eq!(keys.len(), 3, "1,200 seals at 500 uses a key");
+        assert_eq!(p.generated.load(Ordering::SeqCst), 3);
+        // The count only reaches the low 8 bytes: the high 4 are each key's own random base.
+        let bases: std::collections::HashSet<Vec<u8>> =
+            seen.iter().map(|(_, n)| n[..4].to_vec()).collect();
+        assert_eq!(bases.len(), 3, "every key has its own nonce base");
     }
 
     #[tokio::test]
