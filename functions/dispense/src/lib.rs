@@ -195,11 +195,9 @@ async fn profile_update(
         .unwrap_or_else(|| PatientFile::new(patient_ref));
     match file.profile.iter_mut().find(|e| e.rx_id == rx_id) {
         Some(e) => e.last_fill = Some(fill.clone()),
-        None => file.profile.push(ProfileEntry {
-            rx_id: rx_id.to_string(),
-            order: record.order.clone(),
-            last_fill: Some(fill.clone()),
-        }),
+        None => file
+            .profile
+            .push(ProfileEntry::new(rx_id, &record.order, Some(fill.clone()))),
     }
     let (write, ev, _) = svc
         .vault

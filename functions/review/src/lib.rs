@@ -52,11 +52,8 @@ pub async fn handle(
     file.profile.retain(|e| {
         e.rx_id != rx.id() && dur::is_active(&e.order, e.last_fill.as_ref(), &svc.dur, now)
     });
-    file.profile.push(ProfileEntry {
-        rx_id: rx.id().to_string(),
-        order: record.order.clone(),
-        last_fill: None,
-    });
+    file.profile
+        .push(ProfileEntry::new(rx.id(), &record.order, None));
     let (write, ev, _) = svc
         .vault
         .patient_write(

@@ -174,6 +174,9 @@ fn aead_key(bytes: &[u8; 32]) -> Result<Arc<LessSafeKey>> {
 
 impl Sealer {
     pub fn new(provider: Arc<dyn KeyProvider>, limits: CacheLimits) -> Self {
+        // The random generator sets up its entropy source on first use (tens of milliseconds,
+        // once per process): here, when the service starts, not inside the first seal.
+        let _ = random_nonce_base();
         Sealer {
             provider,
             limits,

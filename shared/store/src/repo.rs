@@ -141,6 +141,29 @@ pub struct ProfileEntry {
     pub last_fill: Option<rx_domain::Fill>,
 }
 
+impl ProfileEntry {
+    /// The entry for one of the patient's orders: what drug-utilization review reads of it
+    /// (product, quantities, supply, refills, structured dose, when written) and no more. The
+    /// prescriber, source ids, note and dosage text stay in the order's own record; the file
+    /// is read and rewritten at every review and fill, so it carries nothing it does not use.
+    pub fn new(rx_id: &str, order: &MedicationOrder, last_fill: Option<rx_domain::Fill>) -> Self {
+        let mut order = order.clone();
+        order.source_id = None;
+        order.patient_ref = String::new();
+        order.requester = rx_domain::PrescriberRef::Missing;
+        order.note = None;
+        order.valid_until = None;
+        for d in &mut order.dosage {
+            d.text = None;
+        }
+        ProfileEntry {
+            rx_id: rx_id.to_string(),
+            order,
+            last_fill,
+        }
+    }
+}
+
 /// Sealed, indexed, audited access to records.
 #[derive(Clone)]
 pub struct Vault {
