@@ -22,7 +22,7 @@ fn free_port() -> u16 {
 }
 
 fn serve(data: &std::path::Path, port: u16) -> Child {
-    let child = rxflow()
+    let mut child = rxflow()
         .env("RUST_LOG", "warn")
         .args([
             "serve",
@@ -44,6 +44,8 @@ fn serve(data: &std::path::Path, port: u16) -> Child {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    let _ = child.kill();
+    let _ = child.wait();
     panic!("serve did not start");
 }
 
