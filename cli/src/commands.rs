@@ -141,6 +141,7 @@ pub async fn run(input: &Path, replay: bool, opts: RunOptions) -> Result<Ended, 
     p.flush()?;
     report.skipped_resources = export.skipped.iter().cloned().collect();
 
+    suspend_audit_search(&p, export.order_count())?;
     let bar = progress(export.order_count() as u64, opts.json);
     for item in export.orders() {
         match item? {
@@ -184,6 +185,19 @@ pub async fn run(input: &Path, replay: bool, opts: RunOptions) -> Result<Ended, 
     finish(p, report, started, opts.json).await
 }
 
+/// Audit events a bulk run writes per order, about (each step reads and writes it).
+const EVENTS_PER_ORDER: u64 = 15;
+
+/// A bulk run that at least doubles the trail appends without the audit search indexes and
+/// builds them at its end ([`finish`]), inside the timed run.
+fn suspend_audit_search(p: &Pipeline, orders: usize) -> Result<(), StepError> {
+    let to_come = (orders as u64).saturating_mul(EVENTS_PER_ORDER);
+    if p.emb.store.suspend_audit_search(to_come)? {
+        tracing::info!(orders, "audit search indexes set aside for the bulk run");
+    }
+    Ok(())
+}
+
 async fn audit_len(p: &Pipeline) -> Result<u64, StepError> {
     use rx_store::RecordStore;
     Ok(p.emb.store.audit_len().await?)
@@ -225,6 +239,7 @@ pub async fn demo(seed: u64, orders: usize, opts: RunOptions) -> Result<Ended, C
         register(&p, r).await?;
     }
     p.flush()?;
+    suspend_audit_search(&p, orders)?;
     let bar = progress(orders as u64, opts.json);
     for v in synth::orders(&cfg, &cohort) {
         let order = fhir::parse_medication_request(&v).map_err(StepError::from)?;
@@ -306,6 +321,7 @@ async fn finish(
     json: bool,
 ) -> Result<Ended, CommandError> {
     p.flush()?;
+    p.emb.store.resume_audit_search().map_err(StepError::from)?;
     report.finish(started.elapsed(), p.services().vault.sealer.stats());
     // Seal what the run wrote into a signed checkpoint, then check the whole trail.
     crate::audit::seal(&p.emb).await?;

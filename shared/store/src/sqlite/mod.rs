@@ -189,6 +189,31 @@ impl SqliteStore {
         )
     }
 
+    /// For a bulk run that will at least double the trail: drops the audit search indexes, so
+    /// each appended event updates the table alone. [`SqliteStore::resume_audit_search`] builds
+    /// them again in one sorted pass (and any open does, if the run is stopped first). Searches
+    /// in between still answer, by scanning. Returns whether they were set aside.
+    pub fn suspend_audit_search(&self, events_to_come: u64) -> StoreResult<bool> {
+        let what = "setting the audit search indexes aside";
+        let inner = self.lock();
+        let held: i64 = inner
+            .conn
+            .query_row(schema::AUDIT_LEN, [], |r| r.get(0))
+            .map_err(|e| map(what, e))?;
+        if events_to_come < u64::try_from(held).unwrap_or(u64::MAX).max(1) {
+            return Ok(false);
+        }
+        schema::drop_audit_search(&inner.conn).map_err(|e| map(what, e))?;
+        Ok(true)
+    }
+
+    /// Builds the audit search indexes that are missing (after [`SqliteStore::suspend_audit_search`]).
+    pub fn resume_audit_search(&self) -> StoreResult<()> {
+        let inner = self.lock();
+        schema::create_audit_search(&inner.conn)
+            .map_err(|e| map("building the audit search indexes", e))
+    }
+
     /// Opens one long transaction: every later [`RecordStore::commit`] and
     /// [`AuditSink::append`] becomes a savepoint inside it, until [`SqliteStore::end_batch`].
     pub fn begin_batch(&self) -> StoreResult<()> {
@@ -411,6 +436,11 @@ fn ensure_schema(conn: &Connection) -> StoreResult<()> {
     };
     let found = version(conn)?;
     if found == schema::SCHEMA_VERSION {
+        // A bulk run that was stopped before it rebuilt the audit search indexes.
+        if !schema::has_audit_search(conn).map_err(|e| map(what, e))? {
+            tracing::info!("rebuilding the audit search indexes a stopped bulk run left out");
+            schema::create_audit_search(conn).map_err(|e| map(what, e))?;
+        }
         return Ok(());
     }
     if found > schema::SCHEMA_VERSION {

@@ -32,6 +32,48 @@ fn create_v2(conn: &Connection) -> rusqlite::Result<()> {
     conn.execute_batch("CREATE TABLE meta (name TEXT PRIMARY KEY NOT NULL, value BLOB NOT NULL);")
 }
 
+/// The audit trail's search indexes (patient, user, action, resource, time). They are derived
+/// from the table's columns, so a bulk run may set them aside while it appends and build them
+/// again in one sorted pass at its end ([`crate::sqlite::SqliteStore::suspend_audit_search`]);
+/// every open builds any that are missing (a bulk run that was killed).
+const AUDIT_SEARCH_INDEXES: [(&str, &str); 5] = [
+    (
+        "audit_patient",
+        "audit(patient, seq) WHERE patient IS NOT NULL",
+    ),
+    ("audit_subject", "audit(subject, seq)"),
+    ("audit_action", "audit(action, seq)"),
+    ("audit_resource", "audit(resource_id, seq)"),
+    ("audit_at", "audit(at)"),
+];
+
+/// Builds the audit search indexes that are missing.
+pub(crate) fn create_audit_search(conn: &Connection) -> rusqlite::Result<()> {
+    for (name, on) in AUDIT_SEARCH_INDEXES {
+        conn.execute_batch(&format!("CREATE INDEX IF NOT EXISTS {name} ON {on};"))?;
+    }
+    Ok(())
+}
+
+/// Drops the audit search indexes (see [`AUDIT_SEARCH_INDEXES`]).
+pub(crate) fn drop_audit_search(conn: &Connection) -> rusqlite::Result<()> {
+    for (name, _) in AUDIT_SEARCH_INDEXES {
+        conn.execute_batch(&format!("DROP INDEX IF EXISTS {name};"))?;
+    }
+    Ok(())
+}
+
+/// Whether every audit search index is there.
+pub(crate) fn has_audit_search(conn: &Connection) -> rusqlite::Result<bool> {
+    let mut q = conn.prepare("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = ?1")?;
+    for (name, _) in AUDIT_SEARCH_INDEXES {
+        if !q.exists([name])? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
 fn create_v1(conn: &Connection) -> rusqlite::Result<()> {
     let mut ddl = String::new();
     for table in Table::ALL {
@@ -81,11 +123,6 @@ fn create_v1(conn: &Connection) -> rusqlite::Result<()> {
             prev BLOB NOT NULL,
             hash BLOB NOT NULL
          );
-         CREATE INDEX audit_patient ON audit(patient, seq) WHERE patient IS NOT NULL;
-         CREATE INDEX audit_subject ON audit(subject, seq);
-         CREATE INDEX audit_action ON audit(action, seq);
-         CREATE INDEX audit_resource ON audit(resource_id, seq);
-         CREATE INDEX audit_at ON audit(at);
          CREATE INDEX audit_break_glass ON audit(seq) WHERE break_glass = 1;
 
          CREATE TABLE checkpoints (
@@ -105,7 +142,8 @@ fn create_v1(conn: &Connection) -> rusqlite::Result<()> {
             ));
         }
     }
-    conn.execute_batch(&ddl)
+    conn.execute_batch(&ddl)?;
+    create_audit_search(conn)
 }
 
 /// The per-table statements, indexed by [`table_slot`].
