@@ -117,15 +117,16 @@ impl SqliteStore {
             .map_err(|e| map(what, e))?;
         conn.pragma_update(None, "foreign_keys", "ON")
             .map_err(|e| map(what, e))?;
+        conn.pragma_update(None, "cache_size", -16_384)
+            .map_err(|e| map(what, e))?;
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+        // (Index builds here sort through temporary files: see resume_audit_search.)
+        ensure_schema(&conn)?;
         // Each change set inside a batch is a savepoint; its statement journal stays in memory
         // rather than in a temporary file (most of a bulk run's time otherwise), and the page
         // cache is large enough that a batch does not spill mid-way.
         conn.pragma_update(None, "temp_store", "MEMORY")
             .map_err(|e| map(what, e))?;
-        conn.pragma_update(None, "cache_size", -16_384)
-            .map_err(|e| map(what, e))?;
-        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
-        ensure_schema(&conn)?;
         Ok(SqliteStore {
             identity: file_identity(path),
             path: path.to_path_buf(),
@@ -209,9 +210,20 @@ impl SqliteStore {
 
     /// Builds the audit search indexes that are missing (after [`SqliteStore::suspend_audit_search`]).
     pub fn resume_audit_search(&self) -> StoreResult<()> {
+        let what = "building the audit search indexes";
         let inner = self.lock();
-        schema::create_audit_search(&inner.conn)
-            .map_err(|e| map("building the audit search indexes", e))
+        // The sort behind each index spills to a temporary file rather than to memory: the
+        // sort of a large trail would otherwise be held whole in memory.
+        inner
+            .conn
+            .pragma_update(None, "temp_store", "FILE")
+            .map_err(|e| map(what, e))?;
+        let built = schema::create_audit_search(&inner.conn).map_err(|e| map(what, e));
+        let back = inner
+            .conn
+            .pragma_update(None, "temp_store", "MEMORY")
+            .map_err(|e| map(what, e));
+        built.and(back)
     }
 
     /// Opens one long transaction: every later [`RecordStore::commit`] and
