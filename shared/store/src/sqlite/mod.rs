@@ -24,7 +24,7 @@ mod schema;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -54,6 +54,8 @@ pub struct SqliteStore {
     /// an open store (SQLite would carry on writing to the unlinked file) is caught at commit.
     identity: Option<(u64, u64)>,
     inner: Mutex<Inner>,
+    /// Who has the connection next: first come, first served (see [`Turns`]).
+    turns: Turns,
     /// Batches whose COMMIT failed (their change sets are lost).
     lost_commits: AtomicU64,
 }
@@ -84,6 +86,66 @@ struct Inner {
     head: Option<Head>,
     /// Group commit ([`SqliteStore::group_commit`]): a change set outside a batch opens one.
     group: bool,
+}
+
+/// First come, first served access to the one connection. A plain mutex lets the thread that
+/// just let go take it again before a woken waiter runs, so a server's pipeline thread, going
+/// from one short change set to the next, could keep an intake request waiting through a whole
+/// backlog; with turns a caller waits at most for those who came before it.
+#[derive(Default)]
+struct Turns {
+    /// (next ticket to hand out, ticket being served)
+    queue: Mutex<(u64, u64)>,
+    moved: Condvar,
+}
+
+impl Turns {
+    fn take(&self) -> Turn<'_> {
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let mine = q.0;
+        q.0 += 1;
+        while q.1 != mine {
+            q = self.moved.wait(q).unwrap_or_else(|p| p.into_inner());
+        }
+        Turn { turns: self }
+    }
+}
+
+/// A caller's turn; the next caller's begins when it is dropped (also when unwinding).
+struct Turn<'a> {
+    turns: &'a Turns,
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        let mut q = self.turns.queue.lock().unwrap_or_else(|p| p.into_inner());
+        q.1 += 1;
+        // Someone holds a later ticket: wake the waiters (none waiting: no wake-up call).
+        let waiting = q.0 > q.1;
+        drop(q);
+        if waiting {
+            self.turns.moved.notify_all();
+        }
+    }
+}
+
+/// The connection, held in turn. The guard is dropped before the turn passes on.
+struct Held<'a> {
+    guard: MutexGuard<'a, Inner>,
+    _turn: Turn<'a>,
+}
+
+impl std::ops::Deref for Held<'_> {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for Held<'_> {
+    fn deref_mut(&mut self) -> &mut Inner {
+        &mut self.guard
+    }
 }
 
 /// The last audit event's sequence number and hash.
@@ -139,6 +201,7 @@ impl SqliteStore {
                 group: false,
             }),
             lost_commits: AtomicU64::new(0),
+            turns: Turns::default(),
         })
     }
 
@@ -300,8 +363,9 @@ impl SqliteStore {
 
     /// Takes the lock. If a task panicked while holding it, undo the change set it left open
     /// (only that one: the batch's earlier change sets stand) and carry on.
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        match self.inner.lock() {
+    fn lock(&self) -> Held<'_> {
+        let turn = self.turns.take();
+        let guard = match self.inner.lock() {
             Ok(guard) => guard,
             Err(poisoned) => {
                 let mut guard = poisoned.into_inner();
@@ -319,7 +383,8 @@ impl SqliteStore {
                 self.inner.clear_poison();
                 guard
             }
-        }
+        };
+        Held { guard, _turn: turn }
     }
 
     /// Runs `f` as one change set: all of its writes or none. `f` gets the connection, the
