@@ -337,17 +337,15 @@ impl SqliteStore {
     fn commit_batch(&self, inner: &mut Inner) -> StoreResult<()> {
         inner.in_batch = false;
         inner.head = None;
-        if let Err(e) = self.check_file() {
+        let committed = self.check_file().and_then(|()| {
+            exec(&inner.conn, "COMMIT")
+                .map_err(|e| map("committing a batch (its change sets are lost)", e))
+        });
+        if committed.is_err() {
             rollback_if_open(&inner.conn);
             self.lost_commits.fetch_add(1, Ordering::SeqCst);
-            return Err(e);
         }
-        if let Err(e) = exec(&inner.conn, "COMMIT") {
-            rollback_if_open(&inner.conn);
-            self.lost_commits.fetch_add(1, Ordering::SeqCst);
-            return Err(map("committing a batch (its change sets are lost)", e));
-        }
-        Ok(())
+        committed
     }
 
     /// In group-commit mode, opens the batch a change set joins.
@@ -400,24 +398,24 @@ impl SqliteStore {
         let batch = inner.in_batch;
         if !batch {
             self.check_file()?;
-            inner.head = None;
         }
-        let begin = if batch {
-            "SAVEPOINT change_set"
+        let (begin, end) = if batch {
+            ("SAVEPOINT change_set", "RELEASE change_set")
         } else {
-            "BEGIN IMMEDIATE"
+            ("BEGIN IMMEDIATE", "COMMIT")
         };
         exec(&inner.conn, begin).map_err(|e| map(what, e))?;
         inner.in_unit = true;
-        let result = f(&inner.conn, &inner.tables, &mut inner.head).and_then(|v| {
-            let end = if batch {
-                "RELEASE change_set"
-            } else {
-                "COMMIT"
-            };
-            exec(&inner.conn, end).map_err(|e| map(what, e))?;
-            Ok(v)
-        });
+        // The chain head is kept across change sets only inside a batch (which holds the write
+        // lock throughout); a transaction of its own reads it from the table.
+        let mut own_head = None;
+        let head = if batch {
+            &mut inner.head
+        } else {
+            &mut own_head
+        };
+        let result = f(&inner.conn, &inner.tables, head)
+            .and_then(|v| exec(&inner.conn, end).map(|()| v).map_err(|e| map(what, e)));
         if result.is_err() {
             inner.head = None;
             if batch {
@@ -426,9 +424,6 @@ impl SqliteStore {
             } else {
                 rollback_if_open(&inner.conn);
             }
-        }
-        if !batch {
-            inner.head = None;
         }
         inner.in_unit = false;
         result
