@@ -299,9 +299,10 @@ async fn audit(command: AuditCommand) -> Result<ExitCode, CommandError> {
                 json_line(&report)?;
             } else if report.ok {
                 out!(
-                    "audit trail intact: {} events, {} checkpoints ({} events sealed), signatures {}{}",
+                    "audit trail intact: {} events, {} checkpoint{} ({} events sealed), signatures {}{}",
                     report.events,
                     report.checkpoints,
+                    if report.checkpoints == 1 { "" } else { "s" },
                     report.events_sealed,
                     if report.signatures_checked { "verified" } else { "not checked (no public key)" },
                     match report.anchored_checkpoint {

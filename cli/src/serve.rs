@@ -547,10 +547,7 @@ async fn queue(
     caller: Caller,
     FhirQuery(q): FhirQuery<QueueParams>,
 ) -> Answer {
-    let limit = q
-        .limit
-        .unwrap_or(rx_fn_records::MAX_QUEUE)
-        .clamp(1, rx_fn_records::MAX_QUEUE);
+    let limit = rxhttp::page_limit(q.limit, rx_fn_records::MAX_QUEUE, rx_fn_records::MAX_QUEUE);
     let v = rx_fn_records::queue(&st.app.svc, &caller.principal, caller.source_ip, limit).await?;
     Ok(rxhttp::fhir(StatusCode::OK, &v))
 }
@@ -690,10 +687,7 @@ async fn audit_events(
         patient_bytes.as_deref(),
     )
     .await?;
-    let limit = q
-        .limit
-        .unwrap_or(AUDIT_DEFAULT_LIMIT)
-        .clamp(1, AUDIT_MAX_LIMIT);
+    let limit = rxhttp::page_limit(q.limit, AUDIT_DEFAULT_LIMIT, AUDIT_MAX_LIMIT);
     let query =
         rx_guard::audit::AuditQuery {
             patient,

@@ -53,6 +53,23 @@ async fn search_by_user_and_action_returns_fhir_audit_events_of_the_tenant_only(
     let r = s.as_who(&a, "GET", &path, None).await;
     assert_eq!(r.status, 200, "{}", r.text);
     assert!(r.json["total"].as_u64().unwrap_or(0) >= 3, "{}", r.text);
+    // limit=1 gives one entry; limit=0 as many as a page holds (here: all of them).
+    let r = s.as_who(&a, "GET", &format!("{path}&limit=1"), None).await;
+    assert_eq!(
+        r.json["entry"].as_array().map(Vec::len),
+        Some(1),
+        "{}",
+        r.text
+    );
+    let r = s.as_who(&a, "GET", &format!("{path}&limit=0"), None).await;
+    let total = r.json["total"].as_u64().unwrap_or(0) as usize;
+    assert!(total >= 3, "{}", r.text);
+    assert_eq!(
+        r.json["entry"].as_array().map(Vec::len),
+        Some(total),
+        "{}",
+        r.text
+    );
 
     // An auditor of another organisation sees none of it.
     let b = auditor("auditor-b").in_tenant(OTHER_TENANT);
@@ -101,9 +118,19 @@ async fn a_query_string_that_does_not_fit_is_a_400_operation_outcome() {
     s.as_who(&a, "GET", "/audit/events?colour=blue", None)
         .await
         .assert_outcome(400);
-    s.as_who(&a, "GET", "/audit/disclosures", None)
-        .await
-        .assert_outcome(400);
+    let r = s.as_who(&a, "GET", "/audit/disclosures", None).await;
+    r.assert_outcome(400);
+    assert!(
+        r.text.contains("needs the parameter `patient`"),
+        "a missing parameter is named: {}",
+        r.text
+    );
+    let r = s.as_who(&a, "GET", "/audit/events?colour=blue", None).await;
+    assert!(
+        !r.text.contains("colour"),
+        "an unknown one is not echoed: {}",
+        r.text
+    );
     s.stop().await;
 }
 

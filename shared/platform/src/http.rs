@@ -390,13 +390,35 @@ where
         axum::extract::Query::<T>::from_request_parts(parts, state)
             .await
             .map(|axum::extract::Query(q)| FhirQuery(q))
-            .map_err(|_| {
-                outcome(
-                    StatusCode::BAD_REQUEST,
-                    "invalid",
-                    "the query string has a parameter this endpoint does not know or a value of the wrong form (times are RFC 3339)",
-                )
+            .map_err(|e| {
+                // A missing parameter is named (the name is the endpoint's own); an unknown one
+                // is not echoed.
+                let text = e.body_text();
+                let message = match missing_parameter(&text) {
+                    Some(name) => format!("the query string needs the parameter `{name}`"),
+                    None => "the query string has a parameter this endpoint does not know or a value of the wrong form (times are RFC 3339)".to_string(),
+                };
+                outcome(StatusCode::BAD_REQUEST, "invalid", message)
             })
+    }
+}
+
+/// The field serde says is missing (`missing field `patient``), if that is the refusal.
+fn missing_parameter(text: &str) -> Option<&str> {
+    let rest = &text[text.find("missing field `")? + "missing field `".len()..];
+    let name = &rest[..rest.find('`')?];
+    name.chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '_')
+        .then_some(name)
+}
+
+/// The page size a caller asked for: `default` when not given, 0 for as many as one page may
+/// hold, never more than `max`.
+pub fn page_limit(asked: Option<usize>, default: usize, max: usize) -> usize {
+    match asked {
+        None => default.min(max),
+        Some(0) => max,
+        Some(n) => n.min(max),
     }
 }
 
