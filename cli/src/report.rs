@@ -146,7 +146,7 @@ impl Report {
         if !self.reasons.is_empty() {
             line(
                 &mut s,
-                "\nTop reasons (rejected, needs clarification, refused)".into(),
+                "\nTop reasons (rejected, needs clarification, refused; notes on orders left with the pharmacist)".into(),
             );
             let mut top: Vec<_> = self.reasons.iter().collect();
             top.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
