@@ -16,7 +16,7 @@ use rx_domain::MedicationOrder;
 #[derive(Debug, thiserror::Error)]
 pub enum BulkError {
     #[error(
-        "cannot read the export folder {path}: {source}; pass --input <folder of .ndjson files>"
+        "cannot read the export folder {path}: {source}; check the path: --input takes a folder of .ndjson files (a FHIR bulk export)"
     )]
     Folder {
         path: String,
