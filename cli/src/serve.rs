@@ -1145,6 +1145,34 @@ mod tests {
         assert_eq!(svc.vault.store.lost_commits(), 1);
     }
 
+    /// Every Bundle carries its prescriber again: concurrent submissions naming the same one all
+    /// succeed (an unchanged record is not rewritten; a lost conditional write is re-applied).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_bundles_with_the_same_prescriber_are_all_taken() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut config = Config::from_lookup(|_| None).expect("config");
+        config.data_dir = dir.path().join("data");
+        let svc = Arc::new(
+            Embedded::open(&config, Arc::new(SystemClock))
+                .expect("embedded")
+                .services,
+        );
+        let tasks: Vec<_> = (0..24)
+            .map(|i| {
+                let svc = svc.clone();
+                tokio::spawn(async move {
+                    let cx = AuditCtx::system(INTAKE, TENANT);
+                    rx_fn_intake::handle(&svc, &cx, TENANT, &bundle(i)).await
+                })
+            })
+            .collect();
+        for t in tasks {
+            let taken = t.await.expect("task");
+            assert!(taken.is_ok(), "{:?}", taken.err());
+        }
+        assert_eq!(waiting(&svc).await, 24);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn orders_whose_events_overflow_the_queue_still_reach_the_pharmacist_queue() {
         let dir = tempfile::tempdir().expect("dir");

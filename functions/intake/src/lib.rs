@@ -307,42 +307,53 @@ pub async fn register_prescriber(
             expression: Some("Practitioner.identifier".into()),
         });
     }
-    let existing: Option<Stored<PrescriberRecord>> = match &key {
-        Some(k) => {
-            svc.vault
-                .read_by_key(cx, Table::Prescribers, tenant, k)
-                .await?
+    // Every Bundle may carry its prescriber again: an unchanged record is not rewritten, and a
+    // concurrent writer winning the conditional write means read again and re-apply.
+    for _ in 0..5 {
+        let existing: Option<Stored<PrescriberRecord>> = match &key {
+            Some(k) => {
+                svc.vault
+                    .read_by_key(cx, Table::Prescribers, tenant, k)
+                    .await?
+            }
+            None => None,
+        };
+        let (write, ev, id) = match existing {
+            Some(doc) if doc.body == prescriber => return Ok(doc.row.id),
+            Some(doc) => {
+                let (w, e) = svc
+                    .vault
+                    .updated_row(cx, &doc.row, "active", &prescriber)
+                    .await?;
+                (w, e, doc.row.id)
+            }
+            None => {
+                let id = uuid::Uuid::now_v7().to_string();
+                let (w, e) = svc
+                    .vault
+                    .new_row(
+                        cx,
+                        Table::Prescribers,
+                        tenant,
+                        &id,
+                        "active",
+                        index.clone(),
+                        key.clone(),
+                        &prescriber,
+                    )
+                    .await?;
+                (w, e, id)
+            }
+        };
+        match svc.vault.store.commit(Changes::single(write, ev)).await {
+            Ok(()) => return Ok(id),
+            Err(rx_store::StoreError::Conflict(_)) => continue,
+            Err(e) => return Err(e.into()),
         }
-        None => None,
-    };
-    let (write, ev, id) = match existing {
-        Some(doc) => {
-            let (w, e) = svc
-                .vault
-                .updated_row(cx, &doc.row, "active", &prescriber)
-                .await?;
-            (w, e, doc.row.id)
-        }
-        None => {
-            let id = uuid::Uuid::now_v7().to_string();
-            let (w, e) = svc
-                .vault
-                .new_row(
-                    cx,
-                    Table::Prescribers,
-                    tenant,
-                    &id,
-                    "active",
-                    index,
-                    key,
-                    &prescriber,
-                )
-                .await?;
-            (w, e, id)
-        }
-    };
-    svc.vault.commit(Changes::single(write, ev)).await?;
-    Ok(id)
+    }
+    Err(StepError::Conflict(
+        "the prescriber's record kept changing while it was updated; retry".into(),
+    ))
 }
 
 /// An input that could not be taken in (a malformed NDJSON line, a resource that does not

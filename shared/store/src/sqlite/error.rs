@@ -44,8 +44,7 @@ pub(crate) fn map(what: &str, err: rusqlite::Error) -> StoreError {
                 ))
             }
             ErrorCode::ConstraintViolation => StoreError::Conflict(format!(
-                "{what}: a record with the same id or source key already exists; read it again \
-                 and retry"
+                "{what}: a record with the same id or source key already exists"
             )),
             code => StoreError::Unavailable(format!(
                 "{what}: SQLite refused the operation ({code:?}, extended code {}); retry, and \

@@ -675,7 +675,7 @@ fn apply_write(conn: &Connection, tables: &[TableSql; 5], write: &Write) -> Stor
             if changed != 1 {
                 return Err(StoreError::Conflict(format!(
                     "{t} record {} in tenant {} is no longer at version {expected_version} (or \
-                     does not exist); read it again and retry",
+                     does not exist)",
                     row.id, row.tenant
                 )));
             }
