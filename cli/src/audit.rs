@@ -31,6 +31,8 @@ pub enum AuditCmdError {
          outside the data directory"
     )]
     NoPublicKey { checkpoints: usize, path: String },
+    #[error("cannot use {path}: {reason}")]
+    SealedMarker { path: String, reason: String },
     #[error(
         "cannot read the anchor file {path}: {reason}; give the file `rxflow audit anchor` printed"
     )]
@@ -57,7 +59,50 @@ pub async fn seal(emb: &Embedded) -> Result<Option<Checkpoint>, AuditCmdError> {
         return Err(AuditCmdError::SigningKeyMissing(key.display().to_string()));
     }
     let signer = rx_fn_seal::local_signer(&emb.data_dir)?;
-    Ok(rx_fn_seal::seal(emb.store.as_ref(), &signer).await?)
+    let sealed = rx_fn_seal::seal(emb.store.as_ref(), &signer).await?;
+    if let Some(cp) = &sealed {
+        record_sealed(emb, cp.number)?;
+    }
+    Ok(sealed)
+}
+
+/// `keys/audit-sealed`: the number of the latest checkpoint sealed here, kept beside the keys
+/// (outside the database), so that checkpoints deleted from the database with their events are
+/// caught by a plain `verify`. (Whoever can also rewrite this file is what `--anchor`, kept
+/// outside the data directory, is for.)
+fn sealed_marker(emb: &Embedded) -> std::path::PathBuf {
+    DataDir(&emb.data_dir).keys().join("audit-sealed")
+}
+
+fn record_sealed(emb: &Embedded, number: u64) -> Result<(), AuditCmdError> {
+    let path = sealed_marker(emb);
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, format!("{number}\n"))
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .map_err(|e| AuditCmdError::SealedMarker {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })
+}
+
+/// The checkpoint number `keys/audit-sealed` records, if the file is there.
+fn recorded_sealed(emb: &Embedded) -> Result<Option<u64>, AuditCmdError> {
+    let path = sealed_marker(emb);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => text
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| AuditCmdError::SealedMarker {
+                path: path.display().to_string(),
+                reason: "it does not hold a checkpoint number".into(),
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(AuditCmdError::SealedMarker {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        }),
+    }
 }
 
 /// The public key `verify` trusts: `--public-key <file>`, else the data directory's.
@@ -122,13 +167,32 @@ pub async fn verify_anchored(
 ) -> Result<TrailReport, AuditCmdError> {
     let key = required_key(emb, public_key).await?;
     let store = emb.store.as_ref();
-    Ok(match anchor {
+    let mut report = match anchor {
         None => rx_fn_audit::verify_trail(store, key.as_deref()).await?,
         Some(path) => {
             let anchor = read_anchor(path)?;
             rx_fn_audit::verify_trail_anchored(store, key.as_deref(), &anchor).await?
         }
-    })
+    };
+    // What the trail holds is checked first (its own break is the more precise one); an intact
+    // trail with fewer checkpoints than this directory sealed lost them, events and all.
+    if let Some(recorded) = recorded_sealed(emb)? {
+        if report.ok && report.checkpoints < recorded {
+            report.ok = false;
+            report.first_break = Some(rx_fn_audit::Break {
+                seq: None,
+                checkpoint: Some(recorded),
+                kind: rx_fn_audit::BreakKind::CheckpointsMissing,
+                sentence: format!(
+                    "this data directory sealed checkpoint {recorded} (keys/audit-sealed) but the \
+                     trail holds {} checkpoint(s): checkpoints were removed, perhaps with the \
+                     events they covered",
+                    report.checkpoints
+                ),
+            });
+        }
+    }
+    Ok(report)
 }
 
 /// Reads an anchor file.

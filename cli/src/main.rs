@@ -304,7 +304,13 @@ async fn audit(command: AuditCommand) -> Result<ExitCode, CommandError> {
                     report.checkpoints,
                     if report.checkpoints == 1 { "" } else { "s" },
                     report.events_sealed,
-                    if report.signatures_checked { "verified" } else { "not checked (no public key)" },
+                    if report.checkpoints == 0 {
+                        "none to check"
+                    } else if report.signatures_checked {
+                        "verified"
+                    } else {
+                        "not checked (no public key)"
+                    },
                     match report.anchored_checkpoint {
                         Some(n) => format!(", anchored checkpoint {n} unchanged"),
                         None => String::new(),

@@ -257,3 +257,20 @@ fn verify_without_any_public_key_fails_and_says_to_pass_one() {
     assert!(ok, "{out}{err}");
     assert!(out.contains("signatures verified"), "{out}");
 }
+
+#[test]
+fn deleted_checkpoints_fail_a_plain_verify() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("d");
+    demo(&d, "42", "10");
+    let (ok, out, err) = verify(&d, &[]);
+    assert!(ok, "{out}{err}");
+    // Every checkpoint goes; the chain of events that is left is whole.
+    tamper(&d, "DELETE FROM checkpoints;");
+    let (ok, out, err) = verify(&d, &[]);
+    assert!(
+        !ok,
+        "verified a trail whose checkpoints were deleted: {out}"
+    );
+    assert!(out.contains("checkpoints were removed"), "{out}{err}");
+}

@@ -50,6 +50,9 @@ pub enum BreakKind {
     RecordsWithoutEvents,
     /// The trail no longer holds the checkpoint an anchor kept outside the data recorded.
     AnchorMismatch,
+    /// The data directory sealed more checkpoints than the trail now holds (its
+    /// `keys/audit-sealed` record, outside the database): checkpoints were deleted.
+    CheckpointsMissing,
 }
 
 /// The first place the trail fails to verify.
