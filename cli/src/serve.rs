@@ -901,7 +901,7 @@ pub async fn bind_with(args: &ServeArgs, limits: Limits) -> Result<Server, Serve
     embedded.store.group_commit(true);
     spawn_group_committer(&embedded.store)?;
     let verifier = verifier_from_env(&args.data_dir, |k| std::env::var(k).ok())?;
-    let state = AppState::new(embedded.services, verifier);
+    let state = AppState::new(embedded.services, verifier, &config.tenant);
     let (pipeline, pipeline_done) =
         spawn_pipeline(state.svc.clone(), config.tenant.clone(), PIPELINE_QUEUE)?;
     let router = app(state.clone(), pipeline, &limits);

@@ -105,10 +105,12 @@ fn every_order_answered_201_survives_a_kill_and_the_trail_verifies() {
     assert!(token.status.success(), "{}", text(&token.stderr));
     let token = text(&token.stdout).trim().to_string();
     let bundle: Value = serde_json::from_str(
-        &std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../events/bundle-order.json"
-        ))
+        &std::fs::read_to_string(
+            std::path::Path::new(
+                &std::env::var("CARGO_MANIFEST_DIR").expect("cargo test sets CARGO_MANIFEST_DIR"),
+            )
+            .join("../events/bundle-order.json"),
+        )
         .expect("events/bundle-order.json"),
     )
     .expect("bundle");

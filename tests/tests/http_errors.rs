@@ -6,6 +6,7 @@ mod http_support;
 
 use http_support::*;
 use rx_guard::access::{DevClaims, DevIssuer, Role};
+use rx_guard::audit::Outcome;
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -128,6 +129,55 @@ async fn missing_or_bad_tokens_are_401_with_a_bearer_challenge() {
         .get(format!("{}/queue", s.base))
         .header("authorization", "Basic cnBoOnNlY3JldA==");
     s.raw(req).await.assert_outcome(401);
+
+    // Each refusal is a `login` event: denied, the route template, the peer, the reason; never
+    // the token nor any of its (unverified) claims.
+    let logins = s.logins().await;
+    assert_eq!(logins.len(), 5, "{logins:?}");
+    for ev in &logins {
+        assert_eq!(ev.outcome, Outcome::Denied);
+        assert_eq!(ev.actor.subject, "unauthenticated");
+        assert_eq!(ev.resource.id, "/queue");
+        assert_eq!(ev.source_ip.as_deref(), Some("127.0.0.1"));
+        let body = serde_json::to_string(ev).expect("event json");
+        for secret in [
+            "not.a.token",
+            forged.as_str(),
+            expired.as_str(),
+            "rph-forged",
+            "rph-old",
+        ] {
+            assert!(!body.contains(secret), "the event quotes the token: {body}");
+        }
+    }
+    assert!(logins[3]
+        .detail
+        .as_deref()
+        .is_some_and(|d| d.contains("expired")));
+    s.stop().await;
+}
+
+/// A flood of bad tokens from one source leaves at most the per-minute limit of `login`
+/// events, the last of which says that further refusals are counted instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_bad_tokens_is_audited_up_to_the_limit() {
+    let s = TestServer::start().await;
+    let limit = rx_platform::login::DEFAULT_LIMIT as usize;
+    for _ in 0..limit + 15 {
+        s.call("GET", "/queue", Some("not.a.token"), None)
+            .await
+            .assert_outcome(401);
+    }
+    let logins = s.logins().await;
+    assert_eq!(logins.len(), limit);
+    let last = logins
+        .last()
+        .and_then(|e| e.detail.clone())
+        .unwrap_or_default();
+    assert!(
+        last.contains("further ones in this window are counted"),
+        "{last}"
+    );
     s.stop().await;
 }
 

@@ -34,9 +34,11 @@ pub fn report(out: &Output) -> Value {
 
 /// `../shared/data/<sub>` beside the repository, or None (skip, or fail under RXFLOW_STRICT).
 pub fn shared_data(sub: &str) -> Option<PathBuf> {
-    let d = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/data")
-        .join(sub);
+    let d = PathBuf::from(
+        std::env::var("CARGO_MANIFEST_DIR").expect("cargo test sets CARGO_MANIFEST_DIR"),
+    )
+    .join("../../shared/data")
+    .join(sub);
     if d.is_dir() {
         return Some(d);
     }
@@ -51,7 +53,10 @@ pub fn shared_data(sub: &str) -> Option<PathBuf> {
 }
 
 pub fn phi_scanner() -> Option<PathBuf> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/tools/phi_scan.py");
+    let p = PathBuf::from(
+        std::env::var("CARGO_MANIFEST_DIR").expect("cargo test sets CARGO_MANIFEST_DIR"),
+    )
+    .join("../../shared/tools/phi_scan.py");
     if p.is_file() {
         return Some(p);
     }

@@ -121,7 +121,10 @@ async fn no_proof_is_built_from_a_tampered_checkpoint_range() {
 /// `docs/audit-trail.md` accepts a real proof with the `.pub` file, and rejects an altered one.
 #[tokio::test]
 async fn an_outside_verifier_checks_a_proof_with_the_public_key_file_alone() {
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/verify_proof.py");
+    let script = std::path::Path::new(
+        &std::env::var("CARGO_MANIFEST_DIR").expect("cargo test sets CARGO_MANIFEST_DIR"),
+    )
+    .join("tests/verify_proof.py");
     let python = std::env::var("RXFLOW_PY").unwrap_or_else(|_| "python3".into());
     let ready = std::process::Command::new(&python)
         .args(["-c", "import cryptography"])

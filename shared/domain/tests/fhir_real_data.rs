@@ -8,9 +8,11 @@ use serde_json::Value;
 use std::path::PathBuf;
 
 fn data_dir(sub: &str) -> Option<PathBuf> {
-    let d = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/data")
-        .join(sub);
+    let d = PathBuf::from(
+        std::env::var("CARGO_MANIFEST_DIR").expect("cargo test sets CARGO_MANIFEST_DIR"),
+    )
+    .join("../../../shared/data")
+    .join(sub);
     if d.is_dir() {
         Some(d)
     } else if std::env::var_os("RXFLOW_STRICT").is_some() {

@@ -6,7 +6,10 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 fn shared_data() -> Option<PathBuf> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data");
+    let dir = PathBuf::from(
+        std::env::var("CARGO_MANIFEST_DIR").expect("cargo test sets CARGO_MANIFEST_DIR"),
+    )
+    .join("../../../shared/data");
     if dir.is_dir() {
         Some(dir)
     } else {

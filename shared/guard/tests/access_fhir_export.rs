@@ -10,7 +10,8 @@ use rx_guard::audit::fhir::to_fhir;
 use rx_guard::audit::{Action, AuditEvent, Outcome, Purpose, ResourceRef};
 
 fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+    PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo test sets CARGO_MANIFEST_DIR"))
+        .join("../..")
 }
 
 fn principal(role: Role) -> Principal {
@@ -98,6 +99,25 @@ fn sample_events() -> Vec<AuditEvent> {
     );
     audit_read.detail = Some("search by patient".into());
     out.push(audit_read);
+    // A refused sign-in: nobody's claims are trusted, the route template is the entity.
+    let mut login = AuditEvent::new(
+        rx_guard::audit::Actor {
+            subject: "unauthenticated".into(),
+            role: "none".into(),
+            tenant: "pharmacy-a".into(),
+        },
+        Action::Login,
+        ResourceRef {
+            kind: "Endpoint".into(),
+            id: "/patients/{id}/prescriptions".into(),
+        },
+        "http",
+        Purpose::Operations,
+    );
+    login.outcome = Outcome::Denied;
+    login.source_ip = Some("198.51.100.9".into());
+    login.detail = Some("the token has expired; sign in again".into());
+    out.push(login);
     out
 }
 
@@ -169,6 +189,14 @@ fn export_maps_denials_failures_and_audit_reads() {
         audit_read["purposeOfEvent"][0]["coding"][0]["code"],
         "HSYSADMIN"
     );
+    let login = to_fhir(&events[10], 11);
+    assert_eq!(login["type"]["code"], "110114");
+    assert_eq!(login["subtype"][0]["code"], "110122");
+    assert_eq!(
+        (login["action"].as_str(), login["outcome"].as_str()),
+        (Some("E"), Some("4"))
+    );
+    assert_eq!(login["agent"][0]["network"]["address"], "198.51.100.9");
 }
 
 #[test]
@@ -222,7 +250,10 @@ fn fhir_python() -> Option<PathBuf> {
 }
 
 fn run_checker(py: &PathBuf, ndjson: &std::path::Path) -> std::process::Output {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fhir_auditevent_check.py");
+    let script = PathBuf::from(
+        std::env::var("CARGO_MANIFEST_DIR").expect("cargo test sets CARGO_MANIFEST_DIR"),
+    )
+    .join("tests/fhir_auditevent_check.py");
     Command::new(py)
         .arg(script)
         .arg(ndjson)
@@ -248,7 +279,7 @@ fn exported_ndjson_validates_against_the_fhir_r4_auditevent_model() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("10 AuditEvent resources valid"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("11 AuditEvent resources valid"));
 
     // The checker is not a rubber stamp: a structurally broken event fails it.
     let mut broken = to_fhir(&sample_events()[0], 1);

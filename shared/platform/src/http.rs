@@ -36,6 +36,8 @@ use rx_guard::access::{self, Action, Decision, JwtVerifier, Policy, Principal, R
 use rx_guard::audit::ResourceRef;
 use rx_guard::GuardError;
 use rx_store::repo::AuditCtx;
+
+use crate::login::LoginFailures;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
@@ -88,14 +90,23 @@ pub struct AppState {
     pub verifier: Arc<JwtVerifier>,
     /// The callers' break-glass grants, as the extractor attaches them.
     pub grants: Arc<break_glass::GrantCache>,
+    /// Refused sign-ins, audited in the deployment's tenant (see [`crate::login`]).
+    pub logins: Arc<LoginFailures>,
 }
 
 impl AppState {
-    pub fn new(svc: Services, verifier: JwtVerifier) -> Self {
+    /// The state of a service run by `tenant` (the organisation whose auditor reviews refused
+    /// sign-ins, which belong to no caller's tenant).
+    pub fn new(svc: Services, verifier: JwtVerifier, tenant: &str) -> Self {
         AppState {
             svc: Arc::new(svc),
             verifier: Arc::new(verifier),
             grants: Arc::new(break_glass::GrantCache::default()),
+            logins: Arc::new(LoginFailures::new(
+                tenant,
+                crate::login::DEFAULT_LIMIT,
+                crate::login::DEFAULT_WINDOW,
+            )),
         }
     }
 }
@@ -201,23 +212,29 @@ where
         let app = AppState::from_ref(state);
         let token = match bearer_token(&parts.headers) {
             None => {
-                return Err(unauthorized(
+                return Err(refused_sign_in(
+                    &app,
+                    parts,
                     None,
                     "this endpoint needs a bearer token: send `Authorization: Bearer <token>` (for a local server, mint one with `rxflow token`)",
-                ))
+                )
+                .await)
             }
             Some(Err(())) => {
-                return Err(unauthorized(
+                return Err(refused_sign_in(
+                    &app,
+                    parts,
                     Some("invalid_token"),
                     "the Authorization header is not readable text",
-                ))
+                )
+                .await)
             }
             Some(Ok(t)) => t,
         };
         let principal = match app.verifier.verify(token).await {
             Ok(p) => p,
             Err(GuardError::Unauthenticated(why)) => {
-                return Err(unauthorized(Some("invalid_token"), why))
+                return Err(refused_sign_in(&app, parts, Some("invalid_token"), &why).await)
             }
             Err(e) => return Err(StepError::from(e).into_response()),
         };
@@ -230,15 +247,44 @@ where
             Some(g) => principal.with_break_glass(g),
             None => principal,
         };
-        let source_ip = parts
-            .extensions
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|ConnectInfo(a)| a.ip().to_string());
+        let source_ip = peer_ip(parts);
         Ok(Caller {
             principal,
             source_ip,
         })
     }
+}
+
+/// The peer address of the connection (the embedded server trusts no forwarding header).
+fn peer_ip(parts: &Parts) -> Option<String> {
+    parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(a)| a.ip().to_string())
+}
+
+/// A 401 for a missing or refused token, with its `login` audit event (unless the source is
+/// past its limit: [`crate::login`]). If the event cannot be appended the answer is the audit
+/// sink's failure (503), as for any access that cannot be audited.
+async fn refused_sign_in(
+    app: &AppState,
+    parts: &Parts,
+    error: Option<&'static str>,
+    reason: &str,
+) -> Response {
+    let route = parts
+        .extensions
+        .get::<MatchedPath>()
+        .map_or("(no route)", MatchedPath::as_str);
+    let event = app
+        .logins
+        .event(route, peer_ip(parts), reason, std::time::Instant::now());
+    if let Some(ev) = event {
+        if let Err(e) = app.svc.vault.audit(&[ev]).await {
+            return StepError::from(e).into_response();
+        }
+    }
+    unauthorized(error, reason.to_string())
 }
 
 impl Caller {

@@ -442,6 +442,15 @@ impl TestServer {
         .await
     }
 
+    /// The refused sign-ins recorded (`login` events).
+    pub async fn logins(&self) -> Vec<AuditEvent> {
+        self.audit(AuditQuery {
+            action: Some(Action::Login),
+            ..AuditQuery::default()
+        })
+        .await
+    }
+
     /// Every audit event by `subject`.
     pub async fn events_of(&self, subject: &str) -> Vec<AuditEvent> {
         self.audit(AuditQuery {

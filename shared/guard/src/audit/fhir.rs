@@ -43,6 +43,7 @@ fn event_type(e: &AuditEvent) -> Value {
     match e.action {
         Action::Disclose => coding(DCM, "110106", "Export"),
         Action::BreakGlass => coding(DCM, "110113", "Security Alert"),
+        Action::Login => coding(DCM, "110114", "User Authentication"),
         _ if e.resource.kind == "AuditEvent" => coding(DCM, "110101", "Audit Log Used"),
         _ => coding(DCM, "110110", "Patient Record"),
     }
@@ -54,7 +55,7 @@ fn action_code(a: Action) -> &'static str {
         Action::Create | Action::Quarantine => "C",
         Action::Read | Action::Decrypt | Action::Disclose => "R",
         Action::Update => "U",
-        Action::Deny | Action::BreakGlass => "E",
+        Action::Deny | Action::BreakGlass | Action::Login => "E",
     }
 }
 
@@ -68,6 +69,9 @@ fn subtypes(a: Action) -> Vec<Value> {
     };
     if let Some((code, display)) = rest {
         out.push(coding(RESTFUL, code, display));
+    }
+    if a == Action::Login {
+        out.push(coding(DCM, "110122", "Login"));
     }
     out.push(coding(RX_ACTION, a.as_str(), a.as_str()));
     out

@@ -44,6 +44,8 @@ pub enum Action {
     BreakGlass,
     /// An input that could not be processed was recorded (sealed) for follow-up.
     Quarantine,
+    /// A sign-in (a request's bearer token) was refused.
+    Login,
 }
 
 impl Action {
@@ -57,6 +59,7 @@ impl Action {
             Action::Deny => "deny",
             Action::BreakGlass => "break-glass",
             Action::Quarantine => "quarantine",
+            Action::Login => "login",
         }
     }
 }
