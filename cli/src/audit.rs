@@ -47,10 +47,19 @@ pub enum AuditCmdError {
 /// Seal the events since the last checkpoint; `None` when there were none. Refuses to make a
 /// new signing key for a trail whose checkpoints were signed with one that is now missing.
 pub async fn seal(emb: &Embedded) -> Result<Option<Checkpoint>, AuditCmdError> {
-    let key = DataDir(&emb.data_dir).audit_signing_key();
+    seal_from(&emb.data_dir, emb.store.as_ref(), emb.store.as_ref()).await
+}
+
+/// [`seal`] over the store of `data_dir`, reading the events through `events` (see
+/// [`rx_fn_seal::seal_from`]).
+pub async fn seal_from(
+    data_dir: &Path,
+    events: &dyn RecordStore,
+    store: &dyn RecordStore,
+) -> Result<Option<Checkpoint>, AuditCmdError> {
+    let key = DataDir(data_dir).audit_signing_key();
     if !key.exists()
-        && !emb
-            .store
+        && !store
             .checkpoints()
             .await
             .map_err(AuditError::from)?
@@ -58,10 +67,13 @@ pub async fn seal(emb: &Embedded) -> Result<Option<Checkpoint>, AuditCmdError> {
     {
         return Err(AuditCmdError::SigningKeyMissing(key.display().to_string()));
     }
-    let signer = rx_fn_seal::local_signer(&emb.data_dir)?;
-    let sealed = rx_fn_seal::seal(emb.store.as_ref(), &signer).await?;
+    let signer = rx_fn_seal::local_signer(data_dir)?;
+    let sealed = rx_fn_seal::seal_from(events, store, &signer).await?;
     if let Some(cp) = &sealed {
-        record_sealed(emb, cp.number)?;
+        // The checkpoint is committed before the marker says it exists (a store that groups
+        // change sets into commits holds it in the open group until then).
+        store.durable().await.map_err(AuditError::from)?;
+        record_sealed(data_dir, cp.number)?;
     }
     Ok(sealed)
 }
@@ -70,12 +82,12 @@ pub async fn seal(emb: &Embedded) -> Result<Option<Checkpoint>, AuditCmdError> {
 /// (outside the database), so that checkpoints deleted from the database with their events are
 /// caught by a plain `verify`. (Whoever can also rewrite this file is what `--anchor`, kept
 /// outside the data directory, is for.)
-fn sealed_marker(emb: &Embedded) -> std::path::PathBuf {
-    DataDir(&emb.data_dir).keys().join("audit-sealed")
+fn sealed_marker(data_dir: &Path) -> std::path::PathBuf {
+    DataDir(data_dir).keys().join("audit-sealed")
 }
 
-fn record_sealed(emb: &Embedded, number: u64) -> Result<(), AuditCmdError> {
-    let path = sealed_marker(emb);
+fn record_sealed(data_dir: &Path, number: u64) -> Result<(), AuditCmdError> {
+    let path = sealed_marker(data_dir);
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, format!("{number}\n"))
         .and_then(|()| std::fs::rename(&tmp, &path))
@@ -87,7 +99,7 @@ fn record_sealed(emb: &Embedded, number: u64) -> Result<(), AuditCmdError> {
 
 /// The checkpoint number `keys/audit-sealed` records, if the file is there.
 fn recorded_sealed(emb: &Embedded) -> Result<Option<u64>, AuditCmdError> {
-    let path = sealed_marker(emb);
+    let path = sealed_marker(&emb.data_dir);
     match std::fs::read_to_string(&path) {
         Ok(text) => text
             .trim()

@@ -347,6 +347,119 @@ fn spawn_group_committer(store: &Arc<SqliteStore>) -> Result<(), ServeError> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Scheduled sealing of the audit trail
+
+/// How often the server seals the trail into a signed checkpoint by default.
+pub const SEAL_EVERY_DEFAULT: Duration = Duration::from_secs(300);
+
+/// `RXFLOW_SEAL_EVERY_SECS`: seconds between the server's checkpoints (default 300); `0` seals
+/// only when the server stops.
+pub fn seal_every_from(
+    get: impl Fn(&str) -> Option<String>,
+) -> Result<Option<Duration>, ConfigError> {
+    const NAME: &str = "RXFLOW_SEAL_EVERY_SECS";
+    match get(NAME) {
+        None => Ok(Some(SEAL_EVERY_DEFAULT)),
+        Some(v) => match v.trim().parse::<u64>() {
+            Ok(0) => Ok(None),
+            Ok(secs) => Ok(Some(Duration::from_secs(secs))),
+            Err(_) => Err(ConfigError {
+                name: NAME,
+                value: v,
+                expected: "a whole number of seconds (0: seal only at shutdown)",
+            }),
+        },
+    }
+}
+
+/// The thread that seals the trail on a schedule and once more when the server stops, so that
+/// an event changed, added or removed after it was written fails `rxflow audit verify` against
+/// a signed root at most one period later (not only when an operator runs `rxflow audit
+/// seal`). It reads the events through a second connection, which sees committed events only.
+struct AuditSealer {
+    stop: std::sync::mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+fn spawn_audit_sealer(
+    data_dir: PathBuf,
+    store: Arc<SqliteStore>,
+    every: Option<Duration>,
+) -> Result<AuditSealer, ServeError> {
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name("rxflow-audit-seal".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(error = %e, "the audit sealer could not start; run `rxflow audit seal`");
+                    return;
+                }
+            };
+            let mut events = None;
+            loop {
+                let last = match every {
+                    Some(every) => !matches!(
+                        stopped.recv_timeout(every),
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+                    ),
+                    None => {
+                        let _ = stopped.recv();
+                        true
+                    }
+                };
+                seal_now(&rt, &data_dir, &store, &mut events);
+                if last {
+                    break;
+                }
+            }
+        })
+        .map_err(ServeError::Serve)?;
+    Ok(AuditSealer { stop, thread })
+}
+
+/// One scheduled seal. A failure is logged and the next period tries again.
+fn seal_now(
+    rt: &tokio::runtime::Runtime,
+    data_dir: &std::path::Path,
+    store: &Arc<SqliteStore>,
+    events: &mut Option<SqliteStore>,
+) {
+    // What was answered so far is committed, so the events connection sees it.
+    if let Err(e) = store.sync() {
+        tracing::error!(error = %e, "a group commit before the audit seal failed");
+        return;
+    }
+    if events.is_none() {
+        match SqliteStore::open(&rx_platform::services::DataDir(data_dir).db()) {
+            Ok(s) => *events = Some(s),
+            Err(e) => {
+                tracing::error!(error = %e, "the audit sealer could not open the store");
+                return;
+            }
+        }
+    }
+    let Some(reader) = events.as_ref() else {
+        return;
+    };
+    match rt.block_on(crate::audit::seal_from(data_dir, reader, store.as_ref())) {
+        Ok(Some(cp)) => tracing::info!(
+            checkpoint = cp.number,
+            last_seq = cp.last_seq,
+            "scheduled audit checkpoint sealed"
+        ),
+        Ok(None) => {}
+        Err(e) => {
+            tracing::error!(error = %e, "the scheduled audit seal failed; the next one tries again")
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Routes
 
 #[derive(Clone)]
@@ -883,6 +996,7 @@ pub struct Server {
     pipeline_done: oneshot::Receiver<()>,
     addr: SocketAddr,
     state: AppState,
+    sealer: AuditSealer,
 }
 
 /// Open the embedded deployment in `args.data_dir`, build the verifier and the router, start the
@@ -900,6 +1014,12 @@ pub async fn bind_with(args: &ServeArgs, limits: Limits) -> Result<Server, Serve
     // its own changes to be durable (rxhttp::durable_before_answer), the rest is synced here.
     embedded.store.group_commit(true);
     spawn_group_committer(&embedded.store)?;
+    let seal_every = seal_every_from(|k| std::env::var(k).ok())?;
+    let sealer = spawn_audit_sealer(
+        embedded.data_dir.clone(),
+        embedded.store.clone(),
+        seal_every,
+    )?;
     let verifier = verifier_from_env(&args.data_dir, |k| std::env::var(k).ok())?;
     let state = AppState::new(embedded.services, verifier, &config.tenant);
     let (pipeline, pipeline_done) =
@@ -921,6 +1041,7 @@ pub async fn bind_with(args: &ServeArgs, limits: Limits) -> Result<Server, Serve
         pipeline_done,
         addr,
         state,
+        sealer,
     })
 }
 
@@ -954,6 +1075,15 @@ impl Server {
             Err(_) => tracing::warn!(
                 "pipeline still busy at shutdown; unfinished orders resume at the next start"
             ),
+        }
+        // A last checkpoint over everything the server wrote.
+        let AuditSealer { stop, thread } = self.sealer;
+        let _ = stop.send(());
+        if !matches!(
+            tokio::task::spawn_blocking(move || thread.join()).await,
+            Ok(Ok(()))
+        ) {
+            tracing::error!("the audit sealer did not finish; run `rxflow audit seal`");
         }
         served.map_err(ServeError::Serve)
     }

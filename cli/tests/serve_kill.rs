@@ -1,6 +1,7 @@
-//! `rxflow serve` killed (SIGKILL) while orders pour in: every order it answered `201 Created`
-//! is there after a restart, and the audit trail verifies. Group commit makes change sets
-//! durable together; no answer may leave before its own are.
+//! `rxflow serve` as a process. Killed (SIGKILL) while orders pour in: every order it answered
+//! `201 Created` is there after a restart, and the audit trail verifies (group commit makes
+//! change sets durable together; no answer may leave before its own are). Left running: it seals
+//! the trail into signed checkpoints on its schedule, and once more when it is stopped.
 
 mod support;
 
@@ -22,8 +23,13 @@ fn free_port() -> u16 {
 }
 
 fn serve(data: &std::path::Path, port: u16) -> Child {
+    serve_with(data, port, &[])
+}
+
+fn serve_with(data: &std::path::Path, port: u16, envs: &[(&str, &str)]) -> Child {
     let mut child = rxflow()
         .env("RUST_LOG", "warn")
+        .envs(envs.iter().copied())
         .args([
             "serve",
             "--addr",
@@ -47,6 +53,48 @@ fn serve(data: &std::path::Path, port: u16) -> Child {
     let _ = child.kill();
     let _ = child.wait();
     panic!("serve did not start");
+}
+
+/// The README's example Bundle (a Practitioner, a Patient and a MedicationRequest).
+fn example_bundle() -> Value {
+    serde_json::from_str(
+        &std::fs::read_to_string(
+            std::path::Path::new(
+                &std::env::var("CARGO_MANIFEST_DIR").expect("cargo test sets CARGO_MANIFEST_DIR"),
+            )
+            .join("../events/bundle-order.json"),
+        )
+        .expect("events/bundle-order.json"),
+    )
+    .expect("bundle")
+}
+
+fn prescriber_token(data: &std::path::Path, sub: &str) -> String {
+    let token = run(&[
+        "token",
+        "--role",
+        "prescriber",
+        "--sub",
+        sub,
+        "--npi",
+        "1234567893",
+        "--data-dir",
+        data.to_str().expect("path"),
+    ]);
+    assert!(token.status.success(), "{}", text(&token.stderr));
+    text(&token.stdout).trim().to_string()
+}
+
+/// `rxflow audit verify --json` over `data`: the report, and whether it passed.
+fn verify_report(data: &std::path::Path) -> (Value, bool) {
+    let out = run(&[
+        "audit",
+        "verify",
+        "--json",
+        "--data-dir",
+        data.to_str().expect("path"),
+    ]);
+    (report(&out), out.status.success())
 }
 
 /// One HTTP/1.1 request over a fresh connection: the status and the Location header.
@@ -91,29 +139,8 @@ fn http(
 fn every_order_answered_201_survives_a_kill_and_the_trail_verifies() {
     let dir = tempfile::tempdir().expect("dir");
     let data = dir.path().join("data");
-    let token = run(&[
-        "token",
-        "--role",
-        "prescriber",
-        "--sub",
-        "dr-kill",
-        "--npi",
-        "1234567893",
-        "--data-dir",
-        data.to_str().expect("path"),
-    ]);
-    assert!(token.status.success(), "{}", text(&token.stderr));
-    let token = text(&token.stdout).trim().to_string();
-    let bundle: Value = serde_json::from_str(
-        &std::fs::read_to_string(
-            std::path::Path::new(
-                &std::env::var("CARGO_MANIFEST_DIR").expect("cargo test sets CARGO_MANIFEST_DIR"),
-            )
-            .join("../events/bundle-order.json"),
-        )
-        .expect("events/bundle-order.json"),
-    )
-    .expect("bundle");
+    let token = prescriber_token(&data, "dr-kill");
+    let bundle = example_bundle();
 
     let port = free_port();
     let mut server = serve(&data, port);
@@ -189,4 +216,60 @@ fn every_order_answered_201_survives_a_kill_and_the_trail_verifies() {
         data.to_str().expect("path"),
     ]);
     assert!(verify.status.success(), "{}", text(&verify.stdout));
+}
+
+#[test]
+fn a_running_server_seals_the_trail_on_its_schedule_and_when_it_stops() {
+    let dir = tempfile::tempdir().expect("dir");
+    let data = dir.path().join("data");
+    let token = prescriber_token(&data, "dr-seal");
+    let port = free_port();
+    let mut server = serve_with(&data, port, &[("RXFLOW_SEAL_EVERY_SECS", "1")]);
+    let submit = |id: &str| {
+        let mut b = example_bundle();
+        for e in b["entry"].as_array_mut().expect("entries") {
+            if e["resource"]["resourceType"] == "MedicationRequest" {
+                e["resource"]["id"] = Value::from(id);
+            }
+        }
+        let body = serde_json::to_vec(&b).expect("body");
+        let (status, _) =
+            http(port, "POST", "/prescriptions", Some(&token), Some(&body)).expect("POST");
+        assert_eq!(status, 201);
+    };
+    submit("seal-1");
+
+    // While it runs, a checkpoint comes within a period or two, and it covers the order's events.
+    let until = Instant::now() + Duration::from_secs(20);
+    let first = loop {
+        let (r, ok) = verify_report(&data);
+        assert!(ok, "{r}");
+        if r["checkpoints"].as_u64().unwrap_or(0) >= 1 && r["events_sealed"].as_u64() >= Some(3) {
+            break r;
+        }
+        assert!(Instant::now() < until, "no scheduled checkpoint: {r}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(first["signatures_checked"], true, "{first}");
+
+    // Events written after it are sealed by a later one, at the latest when the server stops.
+    submit("seal-2");
+    let pid = server.id().to_string();
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill -TERM");
+    assert!(term.success());
+    let status = server.wait().expect("reaped");
+    assert!(status.success(), "serve exited with {status}");
+    let (last, ok) = verify_report(&data);
+    assert!(ok, "{last}");
+    assert_eq!(
+        last["events_sealed"], last["events"],
+        "every event is under a signed checkpoint after a clean stop: {last}"
+    );
+    assert!(
+        last["checkpoints"].as_u64() > first["checkpoints"].as_u64(),
+        "{last}"
+    );
 }

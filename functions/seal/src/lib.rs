@@ -36,6 +36,18 @@ pub async fn seal(
     store: &dyn RecordStore,
     signer: &dyn CheckpointSigner,
 ) -> Result<Option<Checkpoint>> {
+    seal_from(store, store, signer).await
+}
+
+/// [`seal`], reading the events through `events` and the checkpoints through (and storing the
+/// new one with) `store`. A server whose store groups change sets into commits passes a second
+/// connection for `events`, which sees committed events only: a checkpoint never covers an
+/// event whose commit could still fail.
+pub async fn seal_from(
+    events: &dyn RecordStore,
+    store: &dyn RecordStore,
+    signer: &dyn CheckpointSigner,
+) -> Result<Option<Checkpoint>> {
     let rows = store.checkpoints().await?;
     let (number, first_seq, prev_checkpoint_hash, head) = match rows.last() {
         None => (1, 1, [0u8; 32], GENESIS),
@@ -67,9 +79,9 @@ pub async fn seal(
         head,
         next: first_seq,
     };
-    let Run { tree, head, next } = read_and_hash(store, run).await?;
+    let Run { tree, head, next } = read_and_hash(events, run).await?;
     if tree.size() == 0 {
-        let len = store.audit_len().await?;
+        let len = events.audit_len().await?;
         if len + 1 < first_seq {
             return Err(SealError::ChainBroken(format!(
                 "checkpoint {} covers events up to {} but the trail ends at {len}: events were \
