@@ -58,3 +58,9 @@ pub enum AuditError {
 }
 
 pub type Result<T, E = AuditError> = std::result::Result<T, E>;
+
+impl From<rx_platform::pages::Interrupted> for AuditError {
+    fn from(_: rx_platform::pages::Interrupted) -> Self {
+        AuditError::Interrupted
+    }
+}

@@ -344,54 +344,28 @@ impl Walker {
     }
 }
 
-/// Where the walker is: here, or hashing a page on a blocking thread.
-enum Slot {
-    Here(Box<Walker>),
-    Away(tokio::task::JoinHandle<(Box<Walker>, Option<Break>)>),
-}
-
-/// The walk itself: `Ok(Some(break))` at the first break. Under a Tokio runtime, reading page
-/// k + 1 overlaps hashing page k; elsewhere the pages are checked inline.
+/// The walk itself: `Ok(Some(break))` at the first break. Reading page k + 1 overlaps hashing
+/// page k ([`rx_platform::pages::walk`]).
 async fn walk(
     store: &dyn RecordStore,
     walker: Box<Walker>,
 ) -> Result<(Box<Walker>, Option<Break>)> {
-    let runtime = tokio::runtime::Handle::try_current().ok();
-    let mut slot = Slot::Here(walker);
-    let mut next = 1u64;
-    let mut w = loop {
-        let page = store.audit_range_checked(next, PAGE).await;
-        let mut w = match slot {
-            Slot::Here(w) => w,
-            Slot::Away(task) => {
-                let (w, found) = task.await.map_err(|e| {
-                    if e.is_panic() {
-                        std::panic::resume_unwind(e.into_panic());
-                    }
-                    AuditError::Interrupted
-                })?;
-                if found.is_some() {
-                    return Ok((w, found));
-                }
-                w
-            }
-        };
-        let page = page?;
-        let Some(last) = page.events.last() else {
-            break w;
-        };
-        next = last.seq.saturating_add(1);
-        slot = match &runtime {
-            Some(rt) => Slot::Away(rt.spawn_blocking(move || {
-                let found = w.page(&page);
-                (w, found)
-            })),
-            None => match w.page(&page) {
-                Some(found) => return Ok((w, Some(found))),
-                None => Slot::Here(w),
-            },
-        };
+    fn next_from(page: &AuditPage) -> Option<u64> {
+        page.events.last().map(|last| last.seq.saturating_add(1))
+    }
+    fn check(w: &mut Box<Walker>, page: &AuditPage) -> Option<Break> {
+        w.page(page)
+    }
+    let read = |from| async move {
+        store
+            .audit_range_checked(from, PAGE)
+            .await
+            .map_err(AuditError::from)
     };
+    let (mut w, found) = rx_platform::pages::walk(walker, 1, read, next_from, check).await?;
+    if found.is_some() {
+        return Ok((w, found));
+    }
     let len = w.chain.len();
     let found = w.sealing.finish(len).err();
     Ok((w, found))

@@ -31,3 +31,9 @@ pub enum SealError {
 }
 
 pub type Result<T, E = SealError> = std::result::Result<T, E>;
+
+impl From<rx_platform::pages::Interrupted> for SealError {
+    fn from(_: rx_platform::pages::Interrupted) -> Self {
+        SealError::Interrupted
+    }
+}

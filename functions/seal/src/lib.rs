@@ -161,47 +161,21 @@ impl Run {
     }
 }
 
-/// Where the run is: here, or hashing a page on a blocking thread.
-enum Slot {
-    Here(Run),
-    Away(tokio::task::JoinHandle<(Run, Result<()>)>),
-}
-
-/// Pages through the events from `run.next` to the end. Under a Tokio runtime each page is
-/// hashed on a blocking thread while the store reads the next one; elsewhere inline.
+/// Pages through the events from `run.next` to the end, reading a page while the one before it
+/// is hashed ([`rx_platform::pages::walk`]).
 async fn read_and_hash(store: &dyn RecordStore, run: Run) -> Result<Run> {
-    let runtime = tokio::runtime::Handle::try_current().ok();
-    let mut read_from = run.next;
-    let mut slot = Slot::Here(run);
-    loop {
-        let page = store.audit_range(read_from, PAGE).await;
-        let mut run = match slot {
-            Slot::Here(run) => run,
-            Slot::Away(task) => {
-                let (run, checked) = task.await.map_err(|e| {
-                    if e.is_panic() {
-                        std::panic::resume_unwind(e.into_panic());
-                    }
-                    SealError::Interrupted
-                })?;
-                checked?;
-                run
-            }
-        };
-        let page = page?;
-        let Some(last) = page.last() else {
-            return Ok(run);
-        };
-        read_from = last.seq.saturating_add(1);
-        slot = match &runtime {
-            Some(rt) => Slot::Away(rt.spawn_blocking(move || {
-                let checked = run.page(&page);
-                (run, checked)
-            })),
-            None => {
-                run.page(&page)?;
-                Slot::Here(run)
-            }
-        };
+    #[allow(clippy::ptr_arg)] // the page type is `Vec`: a fn over `&P`
+    fn next_from(page: &Vec<ChainedEvent>) -> Option<u64> {
+        page.last().map(|last| last.seq.saturating_add(1))
+    }
+    #[allow(clippy::ptr_arg)] // the page type is `Vec`: a fn over `&P`
+    fn check(run: &mut Run, page: &Vec<ChainedEvent>) -> Option<SealError> {
+        run.page(page).err()
+    }
+    let from = run.next;
+    let read = |from| async move { store.audit_range(from, PAGE).await.map_err(SealError::from) };
+    match rx_platform::pages::walk(run, from, read, next_from, check).await? {
+        (_, Some(e)) => Err(e),
+        (run, None) => Ok(run),
     }
 }

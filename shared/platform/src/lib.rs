@@ -7,6 +7,7 @@
 //! * [`clock`]: system time, or a set time for replays.
 //! * [`config`]: configuration from the environment, in one place.
 //! * [`http`]: the shared HTTP layer (caller extractor, FHIR error responses, middleware stack).
+//! * [`pages`]: walking the audit trail with reading and checking overlapped.
 //! * [`login`]: refused sign-ins in the audit trail, at most so many per source and minute.
 //! * [`break_glass`]: emergency access sessions (open, store sealed, audit, alert, look up).
 
@@ -18,6 +19,7 @@ pub mod event;
 pub mod flow;
 pub mod http;
 pub mod login;
+pub mod pages;
 pub mod services;
 
 pub use clock::{Clock, ManualClock, SystemClock};
