@@ -535,7 +535,8 @@ impl Sealing {
             BreakKind::Truncated,
             format!(
                 "checkpoint {} covers events up to {} but the trail ends at event {len}: events \
-                 were removed from the end of the trail",
+                 were removed (from the end of the trail, or from inside it with the later ones \
+                 renumbered and their chain recomputed)",
                 cp.number, cp.last_seq
             ),
         ))

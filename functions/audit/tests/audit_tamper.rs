@@ -98,6 +98,22 @@ async fn a_deleted_event_with_renumbering_and_rechaining_is_detected() {
     assert_eq!(r.first_break.unwrap().checkpoint, Some(2));
 }
 
+/// Inside the last checkpoint the same deletion leaves that checkpoint short of its last event:
+/// reported as removed events, and the sentence says they may have come from inside the trail.
+#[tokio::test]
+async fn a_deleted_event_renumbered_inside_the_last_checkpoint_is_reported_as_removed() {
+    let t = trail(60, 20).await;
+    let db = attacker(&t.db());
+    db.execute("DELETE FROM audit WHERE seq = 45", []).unwrap();
+    renumber(&db);
+    rechain(&db);
+    let r = verify(&t).await;
+    assert_eq!(kind(&r), BreakKind::Truncated);
+    let b = r.first_break.unwrap();
+    assert_eq!(b.checkpoint, Some(3));
+    assert!(b.sentence.contains("from inside it"), "{}", b.sentence);
+}
+
 /// Moves events > `after` up by one and puts a forged event at `after + 1`, linked to the event
 /// before it.
 fn insert_forged(db: &rusqlite::Connection, after: i64) {
