@@ -255,10 +255,11 @@ fn a_running_server_seals_the_trail_on_its_schedule_and_when_it_stops() {
     // Events written after it are sealed by a later one, at the latest when the server stops.
     submit("seal-2");
     let pid = server.id().to_string();
-    let term = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
+    // SIGTERM through the shell's own `kill` (std sends only SIGKILL; no procps needed).
+    let term = std::process::Command::new("sh")
+        .args(["-c", &format!("kill -TERM {pid}")])
         .status()
-        .expect("kill -TERM");
+        .expect("sh -c kill -TERM");
     assert!(term.success());
     let status = server.wait().expect("reaped");
     assert!(status.success(), "serve exited with {status}");
