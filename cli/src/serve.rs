@@ -412,7 +412,7 @@ fn spawn_audit_sealer(
                         true
                     }
                 };
-                seal_now(&rt, &data_dir, &store, &mut events);
+                seal_now(&rt, &data_dir, &store, &mut events, last);
                 if last {
                     break;
                 }
@@ -428,6 +428,7 @@ fn seal_now(
     data_dir: &std::path::Path,
     store: &Arc<SqliteStore>,
     events: &mut Option<SqliteStore>,
+    at_stop: bool,
 ) {
     // What was answered so far is committed, so the events connection sees it.
     if let Err(e) = store.sync() {
@@ -450,7 +451,8 @@ fn seal_now(
         Ok(Some(cp)) => tracing::info!(
             checkpoint = cp.number,
             last_seq = cp.last_seq,
-            "scheduled audit checkpoint sealed"
+            at = if at_stop { "stop" } else { "schedule" },
+            "audit checkpoint sealed by the server"
         ),
         Ok(None) => {}
         Err(e) => {
@@ -1119,6 +1121,7 @@ pub async fn shutdown_signal() {
 pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
     let _ = tracing_subscriber::fmt()
         .json()
+        .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
