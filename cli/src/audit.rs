@@ -178,6 +178,10 @@ pub async fn verify_anchored(
     anchor: Option<&Path>,
 ) -> Result<TrailReport, AuditCmdError> {
     let key = required_key(emb, public_key).await?;
+    // The marker is read before the trail: a server sealing meanwhile commits its checkpoint
+    // before it updates the marker, so a checkpoint the marker names is already in the trail
+    // this walk reads (read after, a seal in between looked like a removed checkpoint).
+    let recorded = recorded_sealed(emb)?;
     let store = emb.store.as_ref();
     let mut report = match anchor {
         None => rx_fn_audit::verify_trail(store, key.as_deref()).await?,
@@ -188,7 +192,7 @@ pub async fn verify_anchored(
     };
     // What the trail holds is checked first (its own break is the more precise one); an intact
     // trail with fewer checkpoints than this directory sealed lost them, events and all.
-    if let Some(recorded) = recorded_sealed(emb)? {
+    if let Some(recorded) = recorded {
         if report.ok && report.checkpoints < recorded {
             report.ok = false;
             report.first_break = Some(rx_fn_audit::Break {

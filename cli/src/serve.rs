@@ -362,11 +362,11 @@ pub fn seal_every_from(
         None => Ok(Some(SEAL_EVERY_DEFAULT)),
         Some(v) => match v.trim().parse::<u64>() {
             Ok(0) => Ok(None),
-            Ok(secs) => Ok(Some(Duration::from_secs(secs))),
-            Err(_) => Err(ConfigError {
+            Ok(secs) if secs <= 86_400 => Ok(Some(Duration::from_secs(secs))),
+            _ => Err(ConfigError {
                 name: NAME,
                 value: v,
-                expected: "a whole number of seconds (0: seal only at shutdown)",
+                expected: "a whole number of seconds up to 86400, a day (0: seal only at shutdown)",
             }),
         },
     }
@@ -1064,6 +1064,17 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
         tracing::info!(addr = %self.addr, "rxflow serving");
+        // Refused sign-ins counted past their limit are recorded as summaries once their
+        // window has passed, and all of them when the server stops.
+        let app = self.state.clone();
+        let summaries = tokio::spawn(async move {
+            let mut every = tokio::time::interval(app.logins.window);
+            every.tick().await;
+            loop {
+                every.tick().await;
+                rxhttp::record_counted_logins(&app, false).await;
+            }
+        });
         let served = axum::serve(
             self.listener,
             self.router
@@ -1077,6 +1088,11 @@ impl Server {
             Err(_) => tracing::warn!(
                 "pipeline still busy at shutdown; unfinished orders resume at the next start"
             ),
+        }
+        summaries.abort();
+        rxhttp::record_counted_logins(&self.state, true).await;
+        if let Err(e) = self.state.svc.vault.store.durable().await {
+            tracing::error!(error = %e, "the last changes could not be made durable at shutdown");
         }
         // A last checkpoint over everything the server wrote.
         let AuditSealer { stop, thread } = self.sealer;

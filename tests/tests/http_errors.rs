@@ -157,11 +157,12 @@ async fn missing_or_bad_tokens_are_401_with_a_bearer_challenge() {
     s.stop().await;
 }
 
-/// A flood of bad tokens from one source leaves at most the per-minute limit of `login`
-/// events, the last of which says that further refusals are counted instead.
+/// A flood of bad tokens from one network leaves at most the per-minute limit of `login`
+/// events, the last of which says that further refusals are counted instead; when the server
+/// stops, the count is recorded as one summary event, so the trail tells how many there were.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_flood_of_bad_tokens_is_audited_up_to_the_limit() {
-    let s = TestServer::start().await;
+async fn a_flood_of_bad_tokens_is_audited_up_to_the_limit_and_the_rest_counted() {
+    let mut s = TestServer::start().await;
     let limit = rx_platform::login::DEFAULT_LIMIT as usize;
     for _ in 0..limit + 15 {
         s.call("GET", "/queue", Some("not.a.token"), None)
@@ -178,7 +179,17 @@ async fn a_flood_of_bad_tokens_is_audited_up_to_the_limit() {
         last.contains("further ones in this window are counted"),
         "{last}"
     );
-    s.stop().await;
+    s.stop_here().await;
+    let logins = s.logins().await;
+    assert_eq!(logins.len(), limit + 1, "one summary at stop");
+    let summary = logins
+        .last()
+        .and_then(|e| e.detail.clone())
+        .unwrap_or_default();
+    assert!(
+        summary.starts_with("15 more refused sign-ins from 127.0.0.0/24"),
+        "{summary}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

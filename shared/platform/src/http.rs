@@ -105,6 +105,7 @@ impl AppState {
             logins: Arc::new(LoginFailures::new(
                 tenant,
                 crate::login::DEFAULT_LIMIT,
+                crate::login::DEFAULT_TOTAL,
                 crate::login::DEFAULT_WINDOW,
             )),
         }
@@ -285,6 +286,30 @@ async fn refused_sign_in(
         }
     }
     unauthorized(error, reason.to_string())
+}
+
+/// Records the refused sign-ins counted and not recorded one by one (those of windows that
+/// have passed, or all of them when `all`) as summary `login` events. Returns how many were
+/// summarized; if the trail cannot take them they are logged instead.
+pub async fn record_counted_logins(app: &AppState, all: bool) -> u64 {
+    let counted = app.logins.counted(std::time::Instant::now(), all);
+    let total = counted.iter().map(|c| c.count).sum();
+    if counted.is_empty() {
+        return 0;
+    }
+    let events: Vec<_> = counted
+        .iter()
+        .map(|c| app.logins.summary_event(c))
+        .collect();
+    match app.svc.vault.audit(&events).await {
+        Ok(()) => {}
+        Err(e) => tracing::error!(
+            error = %e,
+            refused = total,
+            "refused sign-ins counted but not recorded: the audit trail did not take their summary"
+        ),
+    }
+    total
 }
 
 impl Caller {

@@ -6,34 +6,59 @@
 //! unverified). The actor is `unauthenticated` in the deployment's own tenant: nobody's claims
 //! are trusted, and the organisation that runs the service is the one whose auditor reviews it.
 //!
-//! So that a flood of bad tokens cannot grow the trail without bound, each source address gets
-//! at most [`LoginFailures::limit`] events per window (a minute by default); further failures in
-//! that window are counted, and the source's next recorded event says how many were counted and
-//! not recorded one by one. The event that reaches the limit says so.
+//! So that a flood of bad tokens cannot grow the trail without bound, refusals are recorded one
+//! by one only up to [`LoginFailures::limit`] per source network (an IPv4 /24, an IPv6 /64: one
+//! host easily holds many addresses of its network) and [`LoginFailures::total`] in all, per
+//! window (a minute by default). The rest are counted per network, and the counts are recorded
+//! as summary `login` events ("N more refused sign-ins from 203.0.113.0/24 …") when the window
+//! has passed ([`LoginFailures::counted`], which the server calls on a timer and when it stops),
+//! so a burst is never recorded as fewer attempts than it was.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
 use rx_guard::audit::{Action, Actor, AuditEvent, Outcome, Purpose, ResourceRef};
 
 /// The actor of a refused sign-in.
 pub const UNAUTHENTICATED: &str = "unauthenticated";
-/// Refused sign-ins recorded one by one per source and window.
+/// Refused sign-ins recorded one by one per source network and window.
 pub const DEFAULT_LIMIT: u32 = 20;
+/// Refused sign-ins recorded one by one in all per window.
+pub const DEFAULT_TOTAL: u32 = 200;
 /// The window those are counted in.
 pub const DEFAULT_WINDOW: Duration = Duration::from_secs(60);
-/// Sources tracked at once; past that, new sources share one count.
+/// Source networks tracked at once; past that, new ones share one count.
 const MAX_SOURCES: usize = 10_000;
 /// The shared count's key (and the source of requests with no peer address).
-const OTHERS: &str = "*";
+const OTHERS: &str = "other networks";
 
-/// Whether a refused sign-in is recorded.
+/// The network a peer address is limited by: its IPv4 /24 or IPv6 /64 (an IPv4-mapped IPv6
+/// address counts as IPv4).
+pub fn network_of(ip: &str) -> String {
+    match ip.parse::<IpAddr>() {
+        Ok(IpAddr::V4(v4)) => {
+            let [a, b, c, _] = v4.octets();
+            format!("{a}.{b}.{c}.0/24")
+        }
+        Ok(IpAddr::V6(v6)) => match v6.to_ipv4_mapped() {
+            Some(v4) => network_of(&v4.to_string()),
+            None => {
+                let s = v6.segments();
+                format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+            }
+        },
+        Err(_) => OTHERS.to_string(),
+    }
+}
+
+/// Whether a refused sign-in is recorded one by one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admit {
-    /// Record it; `counted_before` failures of this source were counted, not recorded, in its
-    /// last window; `last` says this one reaches the window's limit.
-    Record { counted_before: u64, last: bool },
+    /// Record it; `last` says it reaches its network's limit for the window.
+    Record { last: bool },
     /// Count it only.
     Count,
 }
@@ -41,73 +66,136 @@ pub enum Admit {
 #[derive(Debug)]
 struct Window {
     started: Instant,
+    since: DateTime<Utc>,
     recorded: u32,
     counted: u64,
 }
 
-/// Refused sign-ins per source address, for the limit above.
+impl Window {
+    fn new(now: Instant) -> Self {
+        Window {
+            started: now,
+            since: Utc::now(),
+            recorded: 0,
+            counted: 0,
+        }
+    }
+}
+
+/// Refusals counted and not recorded one by one: `count` from `network` since `since`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Counted {
+    pub network: String,
+    pub count: u64,
+    pub since: DateTime<Utc>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    sources: HashMap<String, Window>,
+    /// Recorded in all in the current overall window, and when it began.
+    total: Option<(Instant, u32)>,
+    /// Counts of windows that ended, not yet recorded.
+    ended: Vec<Counted>,
+}
+
+/// Refused sign-ins per source network, for the limits above.
 #[derive(Debug)]
 pub struct LoginFailures {
     /// The tenant the events are recorded in (the deployment's own).
     pub tenant: String,
     pub limit: u32,
+    pub total: u32,
     pub window: Duration,
-    sources: Mutex<HashMap<String, Window>>,
+    state: Mutex<State>,
 }
 
 impl LoginFailures {
-    pub fn new(tenant: &str, limit: u32, window: Duration) -> Self {
+    pub fn new(tenant: &str, limit: u32, total: u32, window: Duration) -> Self {
         LoginFailures {
             tenant: tenant.to_string(),
             limit,
+            total,
             window,
-            sources: Mutex::new(HashMap::new()),
+            state: Mutex::new(State::default()),
         }
     }
 
-    /// Whether a refused sign-in from `source` at `now` is recorded.
+    /// Whether a refused sign-in from `source` (a peer address) at `now` is recorded.
     pub fn admit(&self, source: Option<&str>, now: Instant) -> Admit {
-        let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
-        let mut key = source.unwrap_or(OTHERS);
-        if sources.len() >= MAX_SOURCES && !sources.contains_key(key) {
-            let window = self.window;
-            sources.retain(|_, w| now.duration_since(w.started) < window);
-            if sources.len() >= MAX_SOURCES {
-                key = OTHERS;
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let st = &mut *st;
+        let mut key = source.map_or_else(|| OTHERS.to_string(), network_of);
+        if st.sources.len() >= MAX_SOURCES && !st.sources.contains_key(&key) {
+            self.sweep(st, now, false);
+            if st.sources.len() >= MAX_SOURCES {
+                key = OTHERS.to_string();
             }
         }
-        let w = sources.entry(key.to_string()).or_insert(Window {
-            started: now,
-            recorded: 0,
-            counted: 0,
-        });
-        let mut counted_before = 0;
+        let w = st
+            .sources
+            .entry(key.clone())
+            .or_insert_with(|| Window::new(now));
         if now.duration_since(w.started) >= self.window {
-            counted_before = w.counted;
-            *w = Window {
-                started: now,
-                recorded: 0,
-                counted: 0,
-            };
+            if w.counted > 0 {
+                st.ended.push(Counted {
+                    network: key,
+                    count: w.counted,
+                    since: w.since,
+                });
+            }
+            *w = Window::new(now);
         }
-        if w.recorded < self.limit {
+        let total = match st.total {
+            Some((began, n)) if now.duration_since(began) < self.window => n,
+            _ => {
+                st.total = Some((now, 0));
+                0
+            }
+        };
+        if w.recorded < self.limit && total < self.total {
             w.recorded += 1;
+            st.total = st.total.map(|(began, n)| (began, n + 1));
             let last = w.recorded == self.limit;
             if last {
                 tracing::warn!(
                     limit = self.limit,
                     window_s = self.window.as_secs(),
-                    "refused sign-ins from one source reached the limit; further ones in this window are counted, not recorded one by one"
+                    "refused sign-ins from one network reached the limit; further ones in this window are counted and recorded as one summary"
                 );
             }
-            Admit::Record {
-                counted_before,
-                last,
-            }
+            Admit::Record { last }
         } else {
             w.counted += 1;
             Admit::Count
         }
+    }
+
+    /// Moves the counts of windows that have passed (all of them when `all`) to `ended`, and
+    /// drops passed windows.
+    fn sweep(&self, st: &mut State, now: Instant, all: bool) {
+        let window = self.window;
+        let ended = &mut st.ended;
+        st.sources.retain(|network, w| {
+            let passed = now.duration_since(w.started) >= window;
+            if (passed || all) && w.counted > 0 {
+                ended.push(Counted {
+                    network: network.clone(),
+                    count: w.counted,
+                    since: w.since,
+                });
+                w.counted = 0;
+            }
+            !passed
+        });
+    }
+
+    /// The counts not recorded yet: those of windows that have passed, or every count when
+    /// `all` (the server stopping). Each is handed out once.
+    pub fn counted(&self, now: Instant, all: bool) -> Vec<Counted> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        self.sweep(&mut st, now, all);
+        std::mem::take(&mut st.ended)
     }
 
     /// The audit event of a refused sign-in on `route`, or `None` when it is only counted.
@@ -118,26 +206,34 @@ impl LoginFailures {
         reason: &str,
         now: Instant,
     ) -> Option<AuditEvent> {
-        let (counted_before, last) = match self.admit(source_ip.as_deref(), now) {
-            Admit::Record {
-                counted_before,
-                last,
-            } => (counted_before, last),
+        let last = match self.admit(source_ip.as_deref(), now) {
+            Admit::Record { last } => last,
             Admit::Count => return None,
         };
         let mut detail = reason.to_string();
-        if counted_before > 0 {
-            detail.push_str(&format!(
-                "; {counted_before} more refused sign-ins from this source in its last window were counted, not recorded one by one"
-            ));
-        }
         if last {
             detail.push_str(&format!(
-                "; this source reached {} recorded refusals in {} s: further ones in this window are counted",
+                "; this network reached {} recorded refusals in {} s: further ones in this window are counted and recorded as one summary",
                 self.limit,
                 self.window.as_secs()
             ));
         }
+        Some(self.login_event(route, source_ip, detail))
+    }
+
+    /// The summary event of refusals counted and not recorded one by one.
+    pub fn summary_event(&self, c: &Counted) -> AuditEvent {
+        let detail = format!(
+            "{} more refused sign-ins from {} since {} were counted, not recorded one by one",
+            c.count,
+            c.network,
+            c.since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        );
+        let source = (c.network != OTHERS).then(|| c.network.clone());
+        self.login_event("(counted)", source, detail)
+    }
+
+    fn login_event(&self, route: &str, source_ip: Option<String>, detail: String) -> AuditEvent {
         let mut ev = AuditEvent::new(
             Actor {
                 subject: UNAUTHENTICATED.into(),
@@ -155,13 +251,18 @@ impl LoginFailures {
         ev.outcome = Outcome::Denied;
         ev.source_ip = source_ip;
         ev.detail = Some(detail);
-        Some(ev)
+        ev
     }
 }
 
 impl Default for LoginFailures {
     fn default() -> Self {
-        LoginFailures::new(crate::config::DEFAULT_TENANT, DEFAULT_LIMIT, DEFAULT_WINDOW)
+        LoginFailures::new(
+            crate::config::DEFAULT_TENANT,
+            DEFAULT_LIMIT,
+            DEFAULT_TOTAL,
+            DEFAULT_WINDOW,
+        )
     }
 }
 
@@ -169,60 +270,85 @@ impl Default for LoginFailures {
 mod tests {
     use super::*;
 
+    fn f(limit: u32, total: u32) -> LoginFailures {
+        LoginFailures::new("t", limit, total, Duration::from_secs(60))
+    }
+
     #[test]
-    fn a_source_gets_its_limit_recorded_then_counted_and_the_count_reported_next_window() {
-        let f = LoginFailures::new("t", 3, Duration::from_secs(60));
+    fn networks_are_ipv4_slash_24_and_ipv6_slash_64() {
+        assert_eq!(network_of("10.1.2.3"), "10.1.2.0/24");
+        assert_eq!(network_of("::ffff:10.1.2.3"), "10.1.2.0/24");
+        assert_eq!(network_of("2001:db8:a:b:1:2:3:4"), "2001:db8:a:b::/64");
+        assert_eq!(network_of("not an address"), OTHERS);
+    }
+
+    #[test]
+    fn a_network_gets_its_limit_recorded_then_counted_and_the_count_handed_out_once() {
+        let f = f(3, 100);
         let t0 = Instant::now();
-        let ip = Some("10.0.0.7");
-        assert_eq!(
-            f.admit(ip, t0),
-            Admit::Record {
-                counted_before: 0,
-                last: false
-            }
-        );
-        assert_eq!(
-            f.admit(ip, t0),
-            Admit::Record {
-                counted_before: 0,
-                last: false
-            }
-        );
-        assert_eq!(
-            f.admit(ip, t0),
-            Admit::Record {
-                counted_before: 0,
-                last: true
-            }
-        );
+        assert_eq!(f.admit(Some("10.0.0.7"), t0), Admit::Record { last: false });
+        // Another address of the same /24 shares the limit.
+        assert_eq!(f.admit(Some("10.0.0.8"), t0), Admit::Record { last: false });
+        assert_eq!(f.admit(Some("10.0.0.9"), t0), Admit::Record { last: true });
         for _ in 0..5 {
-            assert_eq!(f.admit(ip, t0 + Duration::from_secs(30)), Admit::Count);
+            assert_eq!(
+                f.admit(Some("10.0.0.7"), t0 + Duration::from_secs(30)),
+                Admit::Count
+            );
         }
-        // Another source has its own count.
-        assert!(matches!(
-            f.admit(Some("10.0.0.8"), t0),
-            Admit::Record { .. }
-        ));
-        // The next window reports what the last one only counted.
+        // Another network has its own limit.
+        assert_eq!(f.admit(Some("10.0.1.7"), t0), Admit::Record { last: false });
+        // Nothing is handed out while the window runs, unless the server stops.
+        assert!(f.counted(t0 + Duration::from_secs(59), false).is_empty());
+        let ended = f.counted(t0 + Duration::from_secs(61), false);
+        assert_eq!(ended.len(), 1);
         assert_eq!(
-            f.admit(ip, t0 + Duration::from_secs(61)),
-            Admit::Record {
-                counted_before: 5,
-                last: false
-            }
+            (ended[0].network.as_str(), ended[0].count),
+            ("10.0.0.0/24", 5)
         );
+        assert!(f.counted(t0 + Duration::from_secs(62), true).is_empty());
+        // A new window records again.
         assert_eq!(
-            f.admit(ip, t0 + Duration::from_secs(62)),
-            Admit::Record {
-                counted_before: 0,
-                last: false
-            }
+            f.admit(Some("10.0.0.7"), t0 + Duration::from_secs(61)),
+            Admit::Record { last: false }
         );
     }
 
     #[test]
-    fn the_event_names_route_source_and_reason_and_no_one() {
-        let f = LoginFailures::new("pharmacy-a", 1, Duration::from_secs(60));
+    fn many_networks_are_held_to_the_overall_limit_and_their_counts_handed_out() {
+        let f = f(20, 50);
+        let t0 = Instant::now();
+        let mut recorded = 0;
+        for i in 0..500u32 {
+            let ip = format!("10.{}.{}.1", i / 250, i % 250);
+            for _ in 0..25 {
+                if matches!(f.admit(Some(&ip), t0), Admit::Record { .. }) {
+                    recorded += 1;
+                }
+            }
+        }
+        assert_eq!(recorded, 50);
+        // At stop, every count comes out: together with what was recorded, all 12,500.
+        let counted: u64 = f.counted(t0, true).iter().map(|c| c.count).sum();
+        assert_eq!(counted + recorded, 500 * 25);
+    }
+
+    #[test]
+    fn a_window_that_rolls_over_keeps_its_count_for_the_summary() {
+        let f = f(1, 100);
+        let t0 = Instant::now();
+        f.admit(Some("10.0.0.1"), t0);
+        f.admit(Some("10.0.0.1"), t0);
+        f.admit(Some("10.0.0.1"), t0);
+        // The network fails again after the window: its old count is kept for the summary.
+        f.admit(Some("10.0.0.1"), t0 + Duration::from_secs(70));
+        let ended = f.counted(t0 + Duration::from_secs(71), false);
+        assert_eq!(ended.iter().map(|c| c.count).sum::<u64>(), 2);
+    }
+
+    #[test]
+    fn events_name_route_source_and_reason_and_summaries_the_count() {
+        let f = LoginFailures::new("pharmacy-a", 1, 100, Duration::from_secs(60));
         let t0 = Instant::now();
         let ev = f
             .event(
@@ -245,40 +371,39 @@ mod tests {
             "{detail}"
         );
         assert!(f
-            .event("/queue", Some("10.1.1.1".into()), "x", t0)
+            .event("/queue", Some("10.1.1.2".into()), "x", t0)
             .is_none());
-        let next = f
-            .event(
-                "/queue",
-                Some("10.1.1.1".into()),
-                "x",
-                t0 + Duration::from_secs(60),
-            )
-            .expect("next window");
-        assert!(next.detail.unwrap().contains("1 more refused sign-ins"));
+        let counted = f.counted(t0, true);
+        let summary = f.summary_event(&counted[0]);
+        assert_eq!(summary.source_ip.as_deref(), Some("10.1.1.0/24"));
+        assert!(summary
+            .detail
+            .unwrap()
+            .starts_with("1 more refused sign-ins from 10.1.1.0/24"));
     }
 
     #[test]
-    fn past_the_tracked_sources_new_ones_share_one_count() {
-        let f = LoginFailures::new("t", 1, Duration::from_secs(60));
+    fn past_the_tracked_networks_new_ones_share_one_count() {
+        let f = f(1, u32::MAX);
         let t0 = Instant::now();
         for i in 0..MAX_SOURCES {
-            assert!(matches!(
-                f.admit(Some(&format!("src-{i}")), t0),
-                Admit::Record { .. }
-            ));
+            let ip = format!("10.{}.{}.1", i / 256, i % 256);
+            assert!(matches!(f.admit(Some(&ip), t0), Admit::Record { .. }));
         }
-        // The map is full of live windows: two new sources share the "*" count.
-        assert!(matches!(f.admit(Some("new-1"), t0), Admit::Record { .. }));
-        assert_eq!(f.admit(Some("new-2"), t0), Admit::Count);
-        // Once the old windows have passed, a new source gets its own again.
+        // Full of live windows: two new networks share the one count.
+        assert!(matches!(
+            f.admit(Some("192.168.1.1"), t0),
+            Admit::Record { .. }
+        ));
+        assert_eq!(f.admit(Some("192.168.2.1"), t0), Admit::Count);
+        // Once the old windows have passed, a new network gets its own again.
         let later = t0 + Duration::from_secs(61);
         assert!(matches!(
-            f.admit(Some("new-3"), later),
+            f.admit(Some("192.168.3.1"), later),
             Admit::Record { .. }
         ));
         assert!(matches!(
-            f.admit(Some("new-4"), later),
+            f.admit(Some("192.168.4.1"), later),
             Admit::Record { .. }
         ));
     }

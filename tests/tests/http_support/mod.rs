@@ -307,6 +307,11 @@ impl TestServer {
 
     /// Stop the server (graceful) and wait for it.
     pub async fn stop(mut self) {
+        self.stop_here().await;
+    }
+
+    /// [`TestServer::stop`], keeping the handle to read what the server left behind.
+    pub async fn stop_here(&mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
