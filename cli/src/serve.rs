@@ -1322,6 +1322,46 @@ mod tests {
         assert_eq!(waiting(&svc).await, 24);
     }
 
+    /// The README's Bundle carries its Patient too: submitted concurrently for one patient while
+    /// the pipeline reviews (and so rewrites the patient's file), every order is taken (an
+    /// unchanged Patient is not rewritten; a lost conditional write is retried after a pause).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_bundles_for_one_patient_are_all_taken_while_the_pipeline_runs() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut config = Config::from_lookup(|_| None).expect("config");
+        config.data_dir = dir.path().join("data");
+        let svc = Arc::new(
+            Embedded::open(&config, Arc::new(SystemClock))
+                .expect("embedded")
+                .services,
+        );
+        let (pipeline, _done) =
+            spawn_pipeline(svc.clone(), TENANT.into(), PIPELINE_QUEUE).expect("pipeline");
+        let example: Value =
+            serde_json::from_str(include_str!("../../events/bundle-order.json")).expect("bundle");
+        let tasks: Vec<_> = (0..32)
+            .map(|i| {
+                let (svc, pipeline) = (svc.clone(), pipeline.clone());
+                let mut b = example.clone();
+                for e in b["entry"].as_array_mut().expect("entries") {
+                    if e["resource"]["resourceType"] == "MedicationRequest" {
+                        e["resource"]["id"] = Value::from(format!("one-patient-{i}"));
+                    }
+                }
+                tokio::spawn(async move {
+                    let cx = AuditCtx::system(INTAKE, TENANT);
+                    let out = rx_fn_intake::handle(&svc, &cx, TENANT, &b).await?;
+                    pipeline.publish(out.events);
+                    Ok::<_, StepError>(())
+                })
+            })
+            .collect();
+        for t in tasks {
+            let taken = t.await.expect("task");
+            assert!(taken.is_ok(), "{:?}", taken.err());
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn orders_whose_events_overflow_the_queue_still_reach_the_pharmacist_queue() {
         let dir = tempfile::tempdir().expect("dir");

@@ -253,6 +253,9 @@ pub async fn add_allergy(
     .await
 }
 
+/// Tries of a write that lost its conditional update to a concurrent writer.
+const CONFLICT_ATTEMPTS: u32 = 10;
+
 async fn upsert_patient(
     svc: &Services,
     cx: &AuditCtx,
@@ -260,15 +263,26 @@ async fn upsert_patient(
     patient_ref: &str,
     change: impl Fn(&mut PatientFile),
 ) -> Result<String, StepError> {
-    // A concurrent writer may win the conditional write: read again and re-apply.
-    for _ in 0..5 {
+    // Every Bundle may carry its patient again: an unchanged file is not rewritten. A
+    // concurrent writer (another request, review or dispense adding to the profile) may win the
+    // conditional write: read again and re-apply, after a short pause that grows each time.
+    for attempt in 0..CONFLICT_ATTEMPTS {
+        if attempt > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(2 * u64::from(attempt))).await;
+        }
         let existing: Option<Stored<PatientFile>> =
             load_patient(svc, cx, tenant, patient_ref).await?;
         let (mut file, row) = match existing {
             Some(doc) => (doc.body, Some(doc.row)),
             None => (PatientFile::new(patient_ref), None),
         };
+        let before = row.as_ref().map(|_| file.clone());
         change(&mut file);
+        if let (Some(before), Some(row)) = (&before, &row) {
+            if *before == file {
+                return Ok(row.id.clone());
+            }
+        }
         let (write, ev, id) = svc
             .vault
             .patient_write(cx, tenant, patient_ref, row.as_ref(), &file)
@@ -309,7 +323,10 @@ pub async fn register_prescriber(
     }
     // Every Bundle may carry its prescriber again: an unchanged record is not rewritten, and a
     // concurrent writer winning the conditional write means read again and re-apply.
-    for _ in 0..5 {
+    for attempt in 0..CONFLICT_ATTEMPTS {
+        if attempt > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(2 * u64::from(attempt))).await;
+        }
         let existing: Option<Stored<PrescriberRecord>> = match &key {
             Some(k) => {
                 svc.vault
