@@ -655,6 +655,9 @@ async fn cancel(
 struct QueueParams {
     #[serde(default)]
     limit: Option<usize>,
+    /// The `next` of the page before.
+    #[serde(default)]
+    after: Option<String>,
 }
 
 async fn queue(
@@ -663,7 +666,14 @@ async fn queue(
     FhirQuery(q): FhirQuery<QueueParams>,
 ) -> Answer {
     let limit = rxhttp::page_limit(q.limit, rx_fn_records::MAX_QUEUE, rx_fn_records::MAX_QUEUE);
-    let v = rx_fn_records::queue(&st.app.svc, &caller.principal, caller.source_ip, limit).await?;
+    let v = rx_fn_records::queue(
+        &st.app.svc,
+        &caller.principal,
+        caller.source_ip,
+        q.after.as_deref(),
+        limit,
+    )
+    .await?;
     Ok(rxhttp::fhir(StatusCode::OK, &v))
 }
 

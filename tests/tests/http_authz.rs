@@ -476,3 +476,45 @@ async fn allowed_reads_are_audited_with_the_caller_and_source_ip() {
     assert!(reads.iter().all(|e| !e.break_glass));
     s.stop().await;
 }
+
+/// The queue pages: a full page names the id to continue `after`; the pages together hold each
+/// waiting order once; the last page names none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_queue_pages_with_after() {
+    let s = TestServer::start().await;
+    let rph = Who::pharmacist("rph-pages");
+    let mut queued = Vec::new();
+    for i in 0..5 {
+        queued.push(s.queued(&format!("pat-page-{i}")).await);
+    }
+    let mut seen = Vec::new();
+    let mut path = "/queue?limit=2".to_string();
+    let mut pages = 0;
+    loop {
+        let q = s.as_who(&rph, "GET", &path, None).await;
+        assert_eq!(q.status, 200, "{}", q.text);
+        pages += 1;
+        seen.extend(
+            q.json["entries"]
+                .as_array()
+                .expect("entries")
+                .iter()
+                .filter_map(|e| e["rxId"].as_str().map(str::to_string)),
+        );
+        match q.json["next"].as_str() {
+            Some(next) => {
+                assert_eq!(q.json["count"], 2);
+                path = format!("/queue?limit=2&after={next}");
+            }
+            None => break,
+        }
+        assert!(pages < 10, "the pages do not end");
+    }
+    assert_eq!(pages, 3);
+    let mut want = queued.clone();
+    want.sort();
+    let mut got = seen.clone();
+    got.sort();
+    assert_eq!(got, want, "each waiting order once");
+    s.stop().await;
+}

@@ -206,15 +206,18 @@ pub async fn cancel(
     ))
 }
 
-/// The orders of the caller's tenant awaiting verification, oldest id first, at most `limit`
-/// (capped at [`MAX_QUEUE`]): ids, the drug's display and the DUR alerts (kind, severity,
-/// message); nothing about the patient.
+/// The orders of the caller's tenant awaiting verification, oldest id first, after the id
+/// `after` when given, at most `limit` (capped at [`MAX_QUEUE`]): ids, the drug's display and
+/// the DUR alerts (kind, severity, message); nothing about the patient. A full page names the
+/// id to pass as `after` for the next one (`next`).
 pub async fn queue(
     svc: &Services,
     p: &Principal,
     source_ip: Option<String>,
+    after: Option<&str>,
     limit: usize,
 ) -> Result<Value, StepError> {
+    let limit = limit.clamp(1, MAX_QUEUE);
     let cx = person_cx(
         p,
         FUNCTION,
@@ -230,10 +233,13 @@ pub async fn queue(
             Table::Prescriptions,
             &p.tenant,
             Some(Status::AwaitingVerification.as_str()),
-            None,
-            limit.clamp(1, MAX_QUEUE),
+            after,
+            limit,
         )
         .await?;
+    let next = (rows.len() == limit)
+        .then(|| rows.last().map(|r| r.id.clone()))
+        .flatten();
     let mut entries = Vec::with_capacity(rows.len());
     for row in rows {
         let doc: Stored<PrescriptionRecord> = svc.vault.open_audited(&cx, row, kind).await?;
@@ -258,7 +264,11 @@ pub async fn queue(
             "alerts": alerts,
         }));
     }
-    Ok(json!({ "count": entries.len(), "entries": entries }))
+    let mut page = json!({ "count": entries.len(), "entries": entries });
+    if let Some(next) = next {
+        page["next"] = Value::from(next);
+    }
+    Ok(page)
 }
 
 fn into_rx(doc: Stored<PrescriptionRecord>) -> Result<Rx, StepError> {
