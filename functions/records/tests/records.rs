@@ -309,7 +309,9 @@ async fn queue_lists_awaiting_orders_of_the_tenant_with_alerts_and_no_patient() 
     let done = queued(&d, &Order::lisinopril().patient("pat-3")).await;
     verified(&d, &done).await;
 
-    let q = queue(&d.svc, &technician(), None, 50).await.expect("queue");
+    let q = queue(&d.svc, &technician(), None, None, 50)
+        .await
+        .expect("queue");
 
     assert_eq!(q["count"], 2);
     let entries = q["entries"].as_array().expect("entries");
@@ -333,11 +335,13 @@ async fn queue_lists_awaiting_orders_of_the_tenant_with_alerts_and_no_patient() 
     }
 
     // Another pharmacy's queue is its own; an auditor has no queue.
-    let other = queue(&d.svc, &pharmacist_of(OTHER_TENANT), None, 50)
+    let other = queue(&d.svc, &pharmacist_of(OTHER_TENANT), None, None, 50)
         .await
         .expect("other queue");
     assert_eq!(other["count"], 0);
-    let err = queue(&d.svc, &auditor(), None, 50).await.expect_err("role");
+    let err = queue(&d.svc, &auditor(), None, None, 50)
+        .await
+        .expect_err("role");
     assert!(matches!(err, StepError::Forbidden(_)), "{err:?}");
     assert_eq!(denials(&d, "auditor-1").await.len(), 1);
 }
