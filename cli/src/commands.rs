@@ -141,6 +141,15 @@ pub async fn run(input: &Path, replay: bool, opts: RunOptions) -> Result<Ended, 
     p.flush()?;
     report.skipped_resources = export.skipped.iter().cloned().collect();
 
+    if !opts.json {
+        eprintln!(
+            "rxflow run: {} orders from {}{} into {}",
+            export.order_count(),
+            input.display(),
+            if replay { ", replayed as written" } else { "" },
+            opts.config.data_dir.display()
+        );
+    }
     suspend_audit_search(&p, export.order_count())?;
     let bar = progress(export.order_count() as u64, opts.json);
     for item in export.orders() {
