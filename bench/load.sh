@@ -7,7 +7,7 @@
 # requests/s for DURATION seconds with wrk (a Lua script paces each thread on a wall-clock
 # schedule and makes every order unique). Prints requests/s, p50/p99 latency, errors and the
 # server's peak RSS (VmHWM), then stops the server with SIGTERM and reports how long it took to
-# drain the in-process pipeline.
+# drain the in-process pipeline and seal the trail (the server seals once more when it stops).
 #
 # Targets: p99 <= 10 ms at 1,000 requests/s; peak RSS <= 64 MB.
 #
@@ -167,5 +167,5 @@ printf 'requests/s      %s  (%s requests, %s non-2xx, %s socket errors)\n' "$(ge
 printf 'latency p50     %s ms\n' "$(get p50_ms)"
 printf 'latency p99     %s ms   (target <= 10 ms; max %s ms)\n' "$(get p99_ms)" "$(get max_ms)"
 printf 'peak RSS        %s MB  (VmHWM; target <= 64 MB; RSS at end %s MB)\n' "$((HWM_KB / 1024))" "$((RSS_KB / 1024))"
-printf 'drain on TERM   %.1f s (pipeline finishing accepted orders)\n' "$(echo "$T1 - $T0" | bc 2>/dev/null || echo 0)"
+printf 'drain on TERM   %.1f s (pipeline finishing accepted orders, then the audit seal at stop)\n' "$(echo "$T1 - $T0" | bc 2>/dev/null || echo 0)"
 grep -c '"pipeline step refused' "$WORK/server.log" 2>/dev/null | xargs printf 'pipeline refusals in log: %s\n' || true
