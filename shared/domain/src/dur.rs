@@ -206,7 +206,28 @@ pub fn review(
     if let Some(a) = high_mme(order, product, &active, cfg) {
         alerts.push(a);
     }
-    merge_duplicate_therapy(alerts)
+    let mut alerts = merge_duplicate_therapy(alerts);
+    for a in &mut alerts {
+        cap_evidence(a);
+    }
+    alerts
+}
+
+/// Evidence items an alert lists at most; the rest are counted in a last item. A patient with
+/// thousands of active orders would otherwise make every new order's record (and its review)
+/// grow with all of them.
+pub const MAX_EVIDENCE: usize = 20;
+
+fn cap_evidence(a: &mut Alert) {
+    if a.evidence.len() > MAX_EVIDENCE {
+        let more = a.evidence.len() - (MAX_EVIDENCE - 1);
+        a.evidence.truncate(MAX_EVIDENCE - 1);
+        a.evidence.push(Evidence {
+            kind: "more".into(),
+            reference: None,
+            detail: format!("{more} more not listed"),
+        });
+    }
 }
 
 /// One duplicate-therapy alert per order, however many active orders share the ingredient: the
@@ -223,8 +244,13 @@ fn merge_duplicate_therapy(alerts: Vec<Alert>) -> Vec<Alert> {
             first.evidence.extend(d.evidence);
         }
         if others > 1 {
+            let listed = if first.evidence.len() > MAX_EVIDENCE {
+                format!("the first {} are in the evidence", MAX_EVIDENCE - 1)
+            } else {
+                "each is in the evidence".to_string()
+            };
             first.message = format!(
-                "{} ({others} other active orders share an ingredient; each is in the evidence)",
+                "{} ({others} other active orders share an ingredient; {listed})",
                 first.message
             );
         }
@@ -972,6 +998,38 @@ mod tests {
         assert_eq!(
             alerts[0].evidence[0].reference.as_deref(),
             Some("rx-percocet")
+        );
+    }
+
+    #[test]
+    fn an_alert_lists_at_most_max_evidence_items_and_counts_the_rest() {
+        let combo = order(OXY_APAP, Some(2.0));
+        let ids: Vec<String> = (0..50).map(|i| format!("rx-{i}")).collect();
+        let others: Vec<OtherOrder<'_>> = ids
+            .iter()
+            .map(|id| OtherOrder {
+                id,
+                order: &combo,
+                last_fill: None,
+            })
+            .collect();
+        let alerts = run(&order(TYLENOL, Some(4.0)), &others, &[]);
+        let dup = alerts
+            .iter()
+            .find(|a| a.kind == AlertKind::DuplicateTherapy)
+            .expect("duplicate therapy");
+        assert_eq!(dup.evidence.len(), MAX_EVIDENCE);
+        assert_eq!(dup.evidence[0].reference.as_deref(), Some("rx-0"));
+        let last = dup.evidence.last().expect("last");
+        assert_eq!(
+            (last.kind.as_str(), last.detail.as_str()),
+            ("more", "31 more not listed")
+        );
+        assert!(
+            dup.message
+                .contains("50 other active orders share an ingredient; the first 19"),
+            "{}",
+            dup.message
         );
     }
 
