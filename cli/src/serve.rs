@@ -7,7 +7,7 @@
 //! decide and audit.
 
 use std::collections::{BTreeSet, VecDeque};
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -45,6 +45,8 @@ const INTAKE: &str = "intake";
 const PIPELINE_WORKERS: usize = 4;
 /// How long shutdown waits for the pipeline to finish what it has accepted.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long shutdown waits for open connections to finish before closing them.
+const CONNECTIONS_GRACE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
@@ -1075,23 +1077,58 @@ impl Server {
     ) -> Result<(), ServeError> {
         tracing::info!(addr = %self.addr, "rxflow serving");
         // Refused sign-ins counted past their limit are recorded as summaries once their
-        // window has passed, and all of them when the server stops.
+        // window has passed, and all of them when the server stops. A tick that has taken the
+        // counts out always writes them: the stop is only seen between ticks.
         let app = self.state.clone();
+        let (stop_summaries, mut summaries_stopped) = oneshot::channel::<()>();
         let summaries = tokio::spawn(async move {
-            let mut every = tokio::time::interval(app.logins.window);
+            let mut every = tokio::time::interval(app.logins.window / 4);
             every.tick().await;
             loop {
-                every.tick().await;
-                rxhttp::record_counted_logins(&app, false).await;
+                tokio::select! {
+                    _ = every.tick() => {
+                        rxhttp::record_counted_logins(&app, false).await;
+                    }
+                    _ = &mut summaries_stopped => break,
+                }
             }
         });
-        let served = axum::serve(
-            self.listener,
-            self.router
-                .into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(shutdown)
-        .await;
+        // Connections still open CONNECTIONS_GRACE after the stop signal (a client sending its
+        // headers a byte at a time, say) are no longer waited for, so the stop seal and the
+        // summaries above are not held up by them (they end with the process; one still
+        // holding the pipeline's sender makes the drain below wait its full timeout).
+        let (fired, stop_fired) = oneshot::channel::<()>();
+        let shutdown = async move {
+            shutdown.await;
+            let _ = fired.send(());
+        };
+        let mut serving = tokio::spawn(
+            axum::serve(
+                self.listener,
+                self.router
+                    .into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(shutdown)
+            .into_future(),
+        );
+        let served = tokio::select! {
+            r = &mut serving => r.unwrap_or_else(|e| Err(std::io::Error::other(e))),
+            () = async {
+                if stop_fired.await.is_ok() {
+                    tokio::time::sleep(CONNECTIONS_GRACE).await;
+                } else {
+                    std::future::pending::<()>().await;
+                }
+            } => {
+                serving.abort();
+                let _ = (&mut serving).await;
+                tracing::warn!(
+                    grace_s = CONNECTIONS_GRACE.as_secs(),
+                    "connections still open after the stop signal are no longer waited for"
+                );
+                Ok(())
+            }
+        };
         // The router (and its pipeline senders) is gone now: the worker drains and ends.
         match tokio::time::timeout(DRAIN_TIMEOUT, self.pipeline_done).await {
             Ok(_) => tracing::info!("pipeline drained"),
@@ -1099,7 +1136,8 @@ impl Server {
                 "pipeline still busy at shutdown; unfinished orders resume at the next start"
             ),
         }
-        summaries.abort();
+        let _ = stop_summaries.send(());
+        let _ = summaries.await;
         rxhttp::record_counted_logins(&self.state, true).await;
         if let Err(e) = self.state.svc.vault.store.durable().await {
             tracing::error!(error = %e, "the last changes could not be made durable at shutdown");

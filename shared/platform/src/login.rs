@@ -32,6 +32,9 @@ pub const DEFAULT_TOTAL: u32 = 200;
 pub const DEFAULT_WINDOW: Duration = Duration::from_secs(60);
 /// Source networks tracked at once; past that, new ones share one count.
 const MAX_SOURCES: usize = 10_000;
+/// Summary events handed out at once: the networks with the most refusals get one each, the
+/// rest one together.
+pub const MAX_SUMMARIES: usize = 100;
 /// The shared count's key (and the source of requests with no peer address).
 const OTHERS: &str = "other networks";
 
@@ -47,7 +50,8 @@ pub fn network_of(ip: &str) -> String {
             Some(v4) => network_of(&v4.to_string()),
             None => {
                 let s = v6.segments();
-                format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+                let net = std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0);
+                format!("{net}/64")
             }
         },
         Err(_) => OTHERS.to_string(),
@@ -95,6 +99,8 @@ struct State {
     sources: HashMap<String, Window>,
     /// Recorded in all in the current overall window, and when it began.
     total: Option<(Instant, u32)>,
+    /// The overall limit was reached in the current overall window (logged once).
+    total_reached: bool,
     /// Counts of windows that ended, not yet recorded.
     ended: Vec<Counted>,
 }
@@ -150,9 +156,18 @@ impl LoginFailures {
             Some((began, n)) if now.duration_since(began) < self.window => n,
             _ => {
                 st.total = Some((now, 0));
+                st.total_reached = false;
                 0
             }
         };
+        if total >= self.total && !st.total_reached {
+            st.total_reached = true;
+            tracing::warn!(
+                total = self.total,
+                window_s = self.window.as_secs(),
+                "refused sign-ins reached the overall limit; further ones in this window are counted and recorded as summaries"
+            );
+        }
         if w.recorded < self.limit && total < self.total {
             w.recorded += 1;
             st.total = st.total.map(|(began, n)| (began, n + 1));
@@ -195,7 +210,17 @@ impl LoginFailures {
     pub fn counted(&self, now: Instant, all: bool) -> Vec<Counted> {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         self.sweep(&mut st, now, all);
-        std::mem::take(&mut st.ended)
+        let mut ended = std::mem::take(&mut st.ended);
+        if ended.len() > MAX_SUMMARIES {
+            ended.sort_by_key(|c| std::cmp::Reverse(c.count));
+            let rest = ended.split_off(MAX_SUMMARIES - 1);
+            ended.push(Counted {
+                network: format!("{} other networks", rest.len()),
+                count: rest.iter().map(|c| c.count).sum(),
+                since: rest.iter().map(|c| c.since).min().unwrap_or_else(Utc::now),
+            });
+        }
+        ended
     }
 
     /// The audit event of a refused sign-in on `route`, or `None` when it is only counted.
@@ -229,8 +254,8 @@ impl LoginFailures {
             c.network,
             c.since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
         );
-        let source = (c.network != OTHERS).then(|| c.network.clone());
-        self.login_event("(counted)", source, detail)
+        // The network is in the sentence: `source_ip` holds addresses only.
+        self.login_event("(counted)", None, detail)
     }
 
     fn login_event(&self, route: &str, source_ip: Option<String>, detail: String) -> AuditEvent {
@@ -279,6 +304,7 @@ mod tests {
         assert_eq!(network_of("10.1.2.3"), "10.1.2.0/24");
         assert_eq!(network_of("::ffff:10.1.2.3"), "10.1.2.0/24");
         assert_eq!(network_of("2001:db8:a:b:1:2:3:4"), "2001:db8:a:b::/64");
+        assert_eq!(network_of("::1"), "::/64");
         assert_eq!(network_of("not an address"), OTHERS);
     }
 
@@ -328,8 +354,14 @@ mod tests {
             }
         }
         assert_eq!(recorded, 50);
-        // At stop, every count comes out: together with what was recorded, all 12,500.
-        let counted: u64 = f.counted(t0, true).iter().map(|c| c.count).sum();
+        // At stop, every count comes out: together with what was recorded, all 12,500, in at
+        // most MAX_SUMMARIES summaries (the last one for the networks with the fewest).
+        let summaries = f.counted(t0, true);
+        assert_eq!(summaries.len(), MAX_SUMMARIES);
+        assert!(summaries[MAX_SUMMARIES - 1]
+            .network
+            .ends_with("other networks"));
+        let counted: u64 = summaries.iter().map(|c| c.count).sum();
         assert_eq!(counted + recorded, 500 * 25);
     }
 
@@ -375,7 +407,7 @@ mod tests {
             .is_none());
         let counted = f.counted(t0, true);
         let summary = f.summary_event(&counted[0]);
-        assert_eq!(summary.source_ip.as_deref(), Some("10.1.1.0/24"));
+        assert_eq!(summary.source_ip, None);
         assert!(summary
             .detail
             .unwrap()
