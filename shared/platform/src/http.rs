@@ -3,7 +3,7 @@
 //! * [`AppState`]: the [`Services`] and the [`JwtVerifier`] a router runs over.
 //! * [`Caller`]: an extractor that verifies the bearer token into a [`Principal`] and attaches the
 //!   caller's break-glass grant from the store (never from the token). A missing or refused token
-//!   is a 401 with `WWW-Authenticate: Bearer`.
+//!   is a 401 with `WWW-Authenticate: Bearer`, and a `login` audit event ([`crate::login`]).
 //! * [`FhirJson`], [`FhirQuery`], [`FhirPath`]: body, query and path extractors whose refusals are
 //!   FHIR OperationOutcomes (415 for a wrong content type, 413 for an oversize body, 400 for bad
 //!   JSON), never axum's plain-text rejections. Their sentences never echo the input.
@@ -36,8 +36,6 @@ use rx_guard::access::{self, Action, Decision, JwtVerifier, Policy, Principal, R
 use rx_guard::audit::ResourceRef;
 use rx_guard::GuardError;
 use rx_store::repo::AuditCtx;
-
-use crate::login::LoginFailures;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
@@ -54,6 +52,7 @@ use tracing::Span;
 use crate::break_glass;
 use crate::error::StepError;
 use crate::flow::person_cx;
+use crate::login::LoginFailures;
 use crate::services::Services;
 
 /// The media type of every body rxflow answers with.
