@@ -7,7 +7,7 @@
 //! decide and audit.
 
 use std::collections::{BTreeSet, VecDeque};
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -1093,42 +1093,7 @@ impl Server {
                 }
             }
         });
-        // Connections still open CONNECTIONS_GRACE after the stop signal (a client sending its
-        // headers a byte at a time, say) are no longer waited for, so the stop seal and the
-        // summaries above are not held up by them (they end with the process; one still
-        // holding the pipeline's sender makes the drain below wait its full timeout).
-        let (fired, stop_fired) = oneshot::channel::<()>();
-        let shutdown = async move {
-            shutdown.await;
-            let _ = fired.send(());
-        };
-        let mut serving = tokio::spawn(
-            axum::serve(
-                self.listener,
-                self.router
-                    .into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(shutdown)
-            .into_future(),
-        );
-        let served = tokio::select! {
-            r = &mut serving => r.unwrap_or_else(|e| Err(std::io::Error::other(e))),
-            () = async {
-                if stop_fired.await.is_ok() {
-                    tokio::time::sleep(CONNECTIONS_GRACE).await;
-                } else {
-                    std::future::pending::<()>().await;
-                }
-            } => {
-                serving.abort();
-                let _ = (&mut serving).await;
-                tracing::warn!(
-                    grace_s = CONNECTIONS_GRACE.as_secs(),
-                    "connections still open after the stop signal are no longer waited for"
-                );
-                Ok(())
-            }
-        };
+        let served = accept_loop(self.listener, self.router, shutdown).await;
         // The router (and its pipeline senders) is gone now: the worker drains and ends.
         match tokio::time::timeout(DRAIN_TIMEOUT, self.pipeline_done).await {
             Ok(_) => tracing::info!("pipeline drained"),
@@ -1153,6 +1118,84 @@ impl Server {
         }
         served.map_err(ServeError::Serve)
     }
+}
+
+/// How long a client may take to send a request's headers (slow-header clients are cut off).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepts connections and serves each over HTTP/1.1 with a header-read timeout, until
+/// `shutdown` completes; then stops accepting, lets the requests in progress finish, and closes
+/// the connections still open after [`CONNECTIONS_GRACE`] (so the router, and with it the
+/// pipeline's senders, are gone when this returns). The peer address reaches the handlers as
+/// axum's `ConnectInfo`.
+async fn accept_loop(
+    listener: TcpListener,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use tower::ServiceExt;
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let mut conns = tokio::task::JoinSet::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait a little, then go on.
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let router = router.clone();
+        let mut stopping = stopping.clone();
+        conns.spawn(async move {
+            let service =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let mut req = req.map(axum::body::Body::new);
+                    req.extensions_mut()
+                        .insert(axum::extract::ConnectInfo(peer));
+                    router.clone().oneshot(req)
+                });
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT);
+            let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let mut conn = std::pin::pin!(conn);
+            let stop_asked = async move {
+                let _ = stopping.wait_for(|s| *s).await.map(|_| ());
+            };
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                () = stop_asked => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+        // Reap the connections that ended.
+        while conns.try_join_next().is_some() {}
+    }
+    drop(listener);
+    let _ = stop.send(true);
+    let finished = tokio::time::timeout(CONNECTIONS_GRACE, async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await;
+    if finished.is_err() {
+        tracing::warn!(
+            open = conns.len(),
+            grace_s = CONNECTIONS_GRACE.as_secs(),
+            "connections still open after the stop signal were closed"
+        );
+        conns.shutdown().await;
+    }
+    Ok(())
 }
 
 /// Completes on SIGINT (Ctrl-C) or SIGTERM.

@@ -304,3 +304,48 @@ async fn healthz_answers_without_a_token() {
     assert_eq!(r.header("content-type"), Some("application/fhir+json"));
     s.stop().await;
 }
+
+/// A client that sends its headers a little at a time is cut off once the header-read timeout
+/// (10 s) has passed, instead of holding its connection (and a graceful stop) for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_too_slow_to_send_its_headers_is_cut_off() {
+    let s = TestServer::start().await;
+    let addr = s.base.trim_start_matches("http://").to_string();
+    let started = std::time::Instant::now();
+    let cut = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut c = std::net::TcpStream::connect(addr).expect("connect");
+        c.write_all(b"GET /queue HTTP/1.1\r\nHost: x\r\n")
+            .expect("start");
+        c.set_read_timeout(Some(std::time::Duration::from_millis(500)))
+            .expect("timeout");
+        let mut buf = [0u8; 512];
+        for _ in 0..40 {
+            // One more header line every half second, never the blank line that ends them.
+            if c.write_all(b"X-Slow: 1\r\n").is_err() {
+                return true;
+            }
+            match c.read(&mut buf) {
+                Ok(0) => return true,
+                Ok(_) => return true, // an error answer, then the close
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut => {}
+                Err(_) => return true,
+            }
+        }
+        false
+    })
+    .await
+    .expect("client");
+    assert!(cut, "the slow client was still connected after 20 s");
+    let after = started.elapsed();
+    assert!(
+        after >= std::time::Duration::from_secs(9),
+        "cut too early: {after:?}"
+    );
+    // Others are served meanwhile and after.
+    let r = s.call("GET", "/healthz", None, None).await;
+    assert_eq!(r.status, 200);
+    s.stop().await;
+}
