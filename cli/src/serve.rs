@@ -1253,6 +1253,17 @@ mod tests {
     const TENANT: &str = "pharmacy-t";
 
     /// An order by a prescriber the Bundle registers, for its own patient.
+    /// The embedded services over a new data directory in `dir`.
+    fn services_in(dir: &std::path::Path) -> Arc<Services> {
+        let mut config = Config::from_lookup(|_| None).expect("config");
+        config.data_dir = dir.join("data");
+        Arc::new(
+            Embedded::open(&config, Arc::new(SystemClock))
+                .expect("embedded")
+                .services,
+        )
+    }
+
     fn bundle(i: usize) -> Value {
         json!({"resourceType": "Bundle", "type": "collection", "entry": [
             {"fullUrl": "urn:uuid:dr", "resource": {"resourceType": "Practitioner",
@@ -1390,13 +1401,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_bundles_with_the_same_prescriber_are_all_taken() {
         let dir = tempfile::tempdir().expect("dir");
-        let mut config = Config::from_lookup(|_| None).expect("config");
-        config.data_dir = dir.path().join("data");
-        let svc = Arc::new(
-            Embedded::open(&config, Arc::new(SystemClock))
-                .expect("embedded")
-                .services,
-        );
+        let svc = services_in(dir.path());
         let tasks: Vec<_> = (0..24)
             .map(|i| {
                 let svc = svc.clone();
@@ -1419,13 +1424,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_bundles_for_one_patient_are_all_taken_while_the_pipeline_runs() {
         let dir = tempfile::tempdir().expect("dir");
-        let mut config = Config::from_lookup(|_| None).expect("config");
-        config.data_dir = dir.path().join("data");
-        let svc = Arc::new(
-            Embedded::open(&config, Arc::new(SystemClock))
-                .expect("embedded")
-                .services,
-        );
+        let svc = services_in(dir.path());
         let (pipeline, _done) =
             spawn_pipeline(svc.clone(), TENANT.into(), PIPELINE_QUEUE).expect("pipeline");
         let example: Value =
@@ -1456,13 +1455,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn orders_whose_events_overflow_the_queue_still_reach_the_pharmacist_queue() {
         let dir = tempfile::tempdir().expect("dir");
-        let mut config = Config::from_lookup(|_| None).expect("config");
-        config.data_dir = dir.path().join("data");
-        let svc = Arc::new(
-            Embedded::open(&config, Arc::new(SystemClock))
-                .expect("embedded")
-                .services,
-        );
+        let svc = services_in(dir.path());
         let cx = AuditCtx::system(INTAKE, TENANT);
         let mut events = Vec::new();
         for i in 0..30 {
@@ -1488,13 +1481,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn orders_left_pending_by_a_previous_run_are_resumed_at_start() {
         let dir = tempfile::tempdir().expect("dir");
-        let mut config = Config::from_lookup(|_| None).expect("config");
-        config.data_dir = dir.path().join("data");
-        let svc = Arc::new(
-            Embedded::open(&config, Arc::new(SystemClock))
-                .expect("embedded")
-                .services,
-        );
+        let svc = services_in(dir.path());
         let cx = AuditCtx::system(INTAKE, TENANT);
         for i in 0..5 {
             rx_fn_intake::handle(&svc, &cx, TENANT, &bundle(i))
