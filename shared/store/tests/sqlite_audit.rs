@@ -47,19 +47,8 @@ async fn appended_and_committed_events_form_one_valid_chain() {
 #[tokio::test]
 async fn a_failed_change_set_leaves_no_gap_in_the_chain() {
     let (_dir, store) = open_temp();
-    store
-        .commit(insert(
-            row(Table::Prescriptions, "t1", "rx-1"),
-            vec![event("a", Action::Create, "rx-1")],
-        ))
-        .await
-        .unwrap();
-    let dup = store
-        .commit(insert(
-            row(Table::Prescriptions, "t1", "rx-1"),
-            vec![event("a", Action::Create, "rx-1")],
-        ))
-        .await;
+    store.commit(create_rx("rx-1", "a")).await.unwrap();
+    let dup = store.commit(create_rx("rx-1", "a")).await;
     assert!(matches!(dup, Err(StoreError::Conflict(_))));
     store
         .append(&[event("b", Action::Read, "rx-1")])

@@ -118,13 +118,7 @@ async fn a_batch_left_open_is_committed_when_the_store_closes() {
     {
         let store = SqliteStore::open(&path).unwrap();
         store.begin_batch().unwrap();
-        store
-            .commit(insert(
-                row(Table::Prescriptions, "t1", "rx-1"),
-                vec![event("a", Action::Create, "rx-1")],
-            ))
-            .await
-            .unwrap();
+        store.commit(create_rx("rx-1", "a")).await.unwrap();
     }
     let store = SqliteStore::open(&path).unwrap();
     assert!(store

@@ -32,12 +32,7 @@ async fn inside_a_batch_failures_leave_one_unbroken_chain() {
         .await
         .unwrap();
     // A change set that fails on its row: its savepoint rolls back.
-    let dup = store
-        .commit(insert(
-            row(Table::Prescriptions, "t1", "rx-1"),
-            vec![event("c", Action::Create, "rx-1")],
-        ))
-        .await;
+    let dup = store.commit(create_rx("rx-1", "c")).await;
     assert!(matches!(dup, Err(StoreError::Conflict(_))), "{dup:?}");
     // One that fails after its first event went in (the second's id is taken).
     let late = store
@@ -76,13 +71,7 @@ async fn inside_a_batch_failures_leave_one_unbroken_chain() {
 async fn group_commit_makes_change_sets_durable_at_sync() {
     let (_dir, store) = open_temp();
     store.group_commit(true);
-    store
-        .commit(insert(
-            row(Table::Prescriptions, "t1", "rx-1"),
-            vec![event("a", Action::Create, "rx-1")],
-        ))
-        .await
-        .unwrap();
+    store.commit(create_rx("rx-1", "a")).await.unwrap();
     store
         .append(&[event("b", Action::Read, "rx-1")])
         .await
@@ -114,13 +103,7 @@ async fn group_commit_makes_change_sets_durable_at_sync() {
 async fn a_group_commit_that_fails_is_counted_and_nothing_more_is_written() {
     let (dir, store) = open_temp();
     store.group_commit(true);
-    store
-        .commit(insert(
-            row(Table::Prescriptions, "t1", "rx-1"),
-            vec![event("a", Action::Create, "rx-1")],
-        ))
-        .await
-        .unwrap();
+    store.commit(create_rx("rx-1", "a")).await.unwrap();
     // The file is moved away under the open store: the group cannot be committed to it.
     std::fs::rename(store.path(), dir.path().join("moved.db")).unwrap();
     let err = store.durable().await.unwrap_err();

@@ -54,6 +54,15 @@ pub fn event_at(subject: &str, action: Action, minutes: i64) -> AuditEvent {
     e
 }
 
+/// A new prescription `id` in tenant t1, created by `subject`: the change set most tests start
+/// with.
+pub fn create_rx(id: &str, subject: &str) -> Changes {
+    insert(
+        row(Table::Prescriptions, "t1", id),
+        vec![event(subject, Action::Create, id)],
+    )
+}
+
 pub fn insert(row: Row, audit: Vec<AuditEvent>) -> Changes {
     Changes {
         writes: vec![Write::Insert(row)],
