@@ -324,10 +324,7 @@ impl SqliteStore {
                 "a batch is already open on this store; end it before beginning another".into(),
             ));
         }
-        exec(&inner.conn, "BEGIN IMMEDIATE").map_err(|e| map("beginning a batch", e))?;
-        inner.in_batch = true;
-        inner.head = None;
-        Ok(())
+        open_batch(&mut inner, "beginning a batch")
     }
 
     /// Commits the open batch: everything committed inside it becomes durable.
@@ -377,9 +374,7 @@ impl SqliteStore {
     fn join_group(&self, inner: &mut Inner, what: &str) -> StoreResult<()> {
         if inner.group && !inner.in_batch {
             self.check_file()?;
-            exec(&inner.conn, "BEGIN IMMEDIATE").map_err(|e| map(what, e))?;
-            inner.in_batch = true;
-            inner.head = None;
+            open_batch(inner, what)?;
         }
         Ok(())
     }
@@ -564,6 +559,14 @@ fn ensure_schema(conn: &Connection) -> StoreResult<()> {
 
 fn exec(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
     conn.prepare_cached(sql)?.execute([]).map(|_| ())
+}
+
+/// Opens the batch transaction on `inner`'s connection (the chain head is read afresh in it).
+fn open_batch(inner: &mut Inner, what: &str) -> StoreResult<()> {
+    exec(&inner.conn, "BEGIN IMMEDIATE").map_err(|e| map(what, e))?;
+    inner.in_batch = true;
+    inner.head = None;
+    Ok(())
 }
 
 fn rollback_if_open(conn: &Connection) {
