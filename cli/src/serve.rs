@@ -1104,10 +1104,8 @@ impl Server {
         let _ = stop_summaries.send(());
         let _ = summaries.await;
         rxhttp::record_counted_logins(&self.state, true).await;
-        if let Err(e) = self.state.svc.vault.store.durable().await {
-            tracing::error!(error = %e, "the last changes could not be made durable at shutdown");
-        }
-        // A last checkpoint over everything the server wrote.
+        // A last checkpoint over everything the server wrote (the sealer makes it durable
+        // first, the summaries just recorded included).
         let AuditSealer { stop, thread } = self.sealer;
         let _ = stop.send(());
         if !matches!(
