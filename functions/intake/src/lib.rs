@@ -220,12 +220,12 @@ pub async fn register_patient(
         }
     }
     let source_id = patient.source_id.clone();
-    upsert_patient(svc, cx, tenant, &source_id, move |file| {
-        let allergies = std::mem::take(&mut file.patient.allergies);
-        file.patient = patient.clone();
+    upsert_patient(svc, cx, tenant, &source_id, move |record| {
+        let allergies = std::mem::take(&mut record.allergies);
+        *record = patient.clone();
         // Allergies from the Patient resource itself are none in FHIR; keep those on file.
-        if file.patient.allergies.is_empty() {
-            file.patient.allergies = allergies;
+        if record.allergies.is_empty() {
+            record.allergies = allergies;
         }
     })
     .await
@@ -239,15 +239,14 @@ pub async fn add_allergy(
     patient_ref: &str,
     allergy: Allergy,
 ) -> Result<String, StepError> {
-    upsert_patient(svc, cx, tenant, patient_ref, move |file| {
+    upsert_patient(svc, cx, tenant, patient_ref, move |record| {
         let dup = allergy.source_id.is_some()
-            && file
-                .patient
+            && record
                 .allergies
                 .iter()
                 .any(|a| a.source_id == allergy.source_id);
         if !dup {
-            file.patient.allergies.push(allergy.clone());
+            record.allergies.push(allergy.clone());
         }
     })
     .await
@@ -256,30 +255,37 @@ pub async fn add_allergy(
 /// Tries of a write that lost its conditional update to a concurrent writer.
 const CONFLICT_ATTEMPTS: u32 = 10;
 
+/// Before try `attempt` (from 0) of such a write: a pause that grows with each retry.
+async fn pause_before(attempt: u32) {
+    if attempt > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(2 * u64::from(attempt))).await;
+    }
+}
+
 async fn upsert_patient(
     svc: &Services,
     cx: &AuditCtx,
     tenant: &str,
     patient_ref: &str,
-    change: impl Fn(&mut PatientFile),
+    change: impl Fn(&mut PatientRecord),
 ) -> Result<String, StepError> {
     // Every Bundle may carry its patient again: an unchanged file is not rewritten. A
     // concurrent writer (another request, review or dispense adding to the profile) may win the
     // conditional write: read again and re-apply, after a short pause that grows each time.
     for attempt in 0..CONFLICT_ATTEMPTS {
-        if attempt > 0 {
-            tokio::time::sleep(std::time::Duration::from_millis(2 * u64::from(attempt))).await;
-        }
+        pause_before(attempt).await;
         let existing: Option<Stored<PatientFile>> =
             load_patient(svc, cx, tenant, patient_ref).await?;
         let (mut file, row) = match existing {
             Some(doc) => (doc.body, Some(doc.row)),
             None => (PatientFile::new(patient_ref), None),
         };
-        let before = row.as_ref().map(|_| file.clone());
-        change(&mut file);
+        // Only the patient's own record changes here (the medication profile is review's and
+        // dispense's): that part alone is compared, not the whole file.
+        let before = row.as_ref().map(|_| file.patient.clone());
+        change(&mut file.patient);
         if let (Some(before), Some(row)) = (&before, &row) {
-            if *before == file {
+            if *before == file.patient {
                 return Ok(row.id.clone());
             }
         }
@@ -324,9 +330,7 @@ pub async fn register_prescriber(
     // Every Bundle may carry its prescriber again: an unchanged record is not rewritten, and a
     // concurrent writer winning the conditional write means read again and re-apply.
     for attempt in 0..CONFLICT_ATTEMPTS {
-        if attempt > 0 {
-            tokio::time::sleep(std::time::Duration::from_millis(2 * u64::from(attempt))).await;
-        }
+        pause_before(attempt).await;
         let existing: Option<Stored<PrescriberRecord>> = match &key {
             Some(k) => {
                 svc.vault
