@@ -610,16 +610,6 @@ async fn outcome_for_bare_errors(req: Request, next: Next) -> Response {
     parts
         .headers
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
-    if matches!(
-        status,
-        StatusCode::GATEWAY_TIMEOUT | StatusCode::REQUEST_TIMEOUT | StatusCode::PAYLOAD_TOO_LARGE
-    ) {
-        // The request's body may still be arriving (a client trickling it past the timeout):
-        // the connection ends with this answer instead of waiting for the rest.
-        parts
-            .headers
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-    }
     if status == StatusCode::UNAUTHORIZED && !parts.headers.contains_key(header::WWW_AUTHENTICATE) {
         parts.headers.insert(
             header::WWW_AUTHENTICATE,
@@ -862,11 +852,6 @@ mod tests {
         assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
         assert_outcome(&h, &v);
         assert_eq!(v["issue"][0]["code"], "timeout");
-        assert_eq!(
-            h[header::CONNECTION],
-            "close",
-            "the connection ends with it"
-        );
     }
 
     #[tokio::test]
