@@ -464,3 +464,87 @@ fn a_file_that_is_not_a_database_is_reported_corrupt() {
         .expect("garbage must be refused");
     assert!(matches!(err, StoreError::Corrupt(_)), "{err:?}");
 }
+
+/// An update that keeps the blind index and key leaves them findable; one that changes or clears
+/// them moves the lookups (the store tries a cheaper update that leaves both indexes alone first).
+#[tokio::test]
+async fn update_keeps_or_moves_the_index_and_key_lookups() {
+    let (_dir, store) = open_temp();
+    let r = row(Table::Patients, "t1", "p-1");
+    store.commit(insert(r.clone(), vec![])).await.unwrap();
+    let update = |row: rx_store::Row, expected_version| Changes {
+        writes: vec![Write::Update {
+            row,
+            expected_version,
+        }],
+        ..Changes::default()
+    };
+
+    let mut same = r.clone();
+    same.version = 2;
+    same.status = "updated".into();
+    same.sealed = b"sealed-v2".to_vec();
+    store.commit(update(same.clone(), 1)).await.unwrap();
+    assert_eq!(
+        store
+            .get_by_key(Table::Patients, "t1", b"key-p-1")
+            .await
+            .unwrap(),
+        Some(same.clone())
+    );
+    assert_eq!(
+        store
+            .find_by_index(Table::Patients, "t1", b"patient-blind-index-1")
+            .await
+            .unwrap(),
+        vec![same.clone()]
+    );
+
+    let mut moved = same.clone();
+    moved.version = 3;
+    moved.index = Some(b"patient-blind-index-2".to_vec());
+    moved.key = Some(b"key-p-1b".to_vec());
+    store.commit(update(moved.clone(), 2)).await.unwrap();
+    assert_eq!(
+        store
+            .get_by_key(Table::Patients, "t1", b"key-p-1")
+            .await
+            .unwrap(),
+        None
+    );
+    assert!(store
+        .find_by_index(Table::Patients, "t1", b"patient-blind-index-1")
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        store
+            .get_by_key(Table::Patients, "t1", b"key-p-1b")
+            .await
+            .unwrap(),
+        Some(moved.clone())
+    );
+
+    let mut cleared = moved.clone();
+    cleared.version = 4;
+    cleared.index = None;
+    cleared.key = None;
+    store.commit(update(cleared.clone(), 3)).await.unwrap();
+    assert_eq!(
+        store
+            .get_by_key(Table::Patients, "t1", b"key-p-1b")
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        store.get(Table::Patients, "t1", "p-1").await.unwrap(),
+        Some(cleared)
+    );
+
+    // A stale version is still a conflict, with the keys the same or changed.
+    let mut stale = same;
+    stale.version = 4;
+    let err = store.commit(update(stale, 3)).await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+}

@@ -684,22 +684,30 @@ fn apply_write(conn: &Connection, tables: &[TableSql; 5], write: &Write) -> Stor
             }
             let version = to_i64(row.version, "version")?;
             let expected = to_i64(*expected_version, "version")?;
-            let changed = conn
-                .prepare_cached(&tables[table_slot(row.table)].update)
-                .and_then(|mut s| {
-                    s.execute(params![
-                        row.id,
-                        row.tenant,
-                        row.status,
-                        version,
-                        ts(&row.updated_at),
-                        row.index,
-                        row.key,
-                        row.sealed,
-                        expected,
-                    ])
-                })
-                .map_err(|e| map("updating a record", e))?;
+            let sql = &tables[table_slot(row.table)];
+            let run = |statement: &str| {
+                conn.prepare_cached(statement)
+                    .and_then(|mut s| {
+                        s.execute(params![
+                            row.id,
+                            row.tenant,
+                            row.status,
+                            version,
+                            ts(&row.updated_at),
+                            row.index,
+                            row.key,
+                            row.sealed,
+                            expected,
+                        ])
+                    })
+                    .map_err(|e| map("updating a record", e))
+            };
+            // Most updates keep the blind index and source key: try that first, and on no match
+            // (the keys changed, or the version did) the full update says which.
+            let mut changed = run(&sql.update_same_keys)?;
+            if changed == 0 {
+                changed = run(&sql.update)?;
+            }
             if changed != 1 {
                 return Err(StoreError::Conflict(format!(
                     "{t} record {} in tenant {} is no longer at version {expected_version} (or \

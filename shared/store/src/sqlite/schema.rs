@@ -150,6 +150,9 @@ fn create_v1(conn: &Connection) -> rusqlite::Result<()> {
 pub(crate) struct TableSql {
     pub insert: String,
     pub update: String,
+    /// The update when the blind index and source key stay as they are (the common case): it
+    /// leaves their two indexes untouched, where naming them in SET rewrites both entries.
+    pub update_same_keys: String,
     pub get: String,
     pub get_by_key: String,
     pub find_by_index: String,
@@ -176,6 +179,10 @@ impl TableSql {
             update: format!(
                 "UPDATE {t} SET status = ?3, version = ?4, updated_at = ?5, idx = ?6, \"key\" = ?7,
                  sealed = ?8 WHERE id = ?1 AND tenant = ?2 AND version = ?9"
+            ),
+            update_same_keys: format!(
+                "UPDATE {t} SET status = ?3, version = ?4, updated_at = ?5, sealed = ?8
+                 WHERE id = ?1 AND tenant = ?2 AND version = ?9 AND idx IS ?6 AND \"key\" IS ?7"
             ),
             get: format!("{select} WHERE id = ?1 AND tenant = ?2"),
             get_by_key: format!("{select} WHERE tenant = ?1 AND \"key\" = ?2"),
