@@ -1121,6 +1121,95 @@ impl Server {
 /// How long a client may take to send a request's headers (slow-header clients are cut off).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The answers after which the connection is closed: the request timed out (504, 408) or its
+/// body was refused as too large (413). Such a request's body may still be on its way, a byte at
+/// a time: the connection takes it back ([`Severance::sever`]) and says `Connection: close`, so
+/// hyper stops reading and closes once the answer is written.
+fn closes_connection(status: StatusCode) -> bool {
+    matches!(
+        status,
+        StatusCode::REQUEST_TIMEOUT | StatusCode::PAYLOAD_TOO_LARGE | StatusCode::GATEWAY_TIMEOUT
+    )
+}
+
+/// A request body shared between the router, which reads it, and the connection, which can take
+/// it back. After a timeout the handler is still running on the blocking pool and still reading
+/// the body (a 504 does not stop it); while it holds hyper's body, hyper keeps reading the
+/// connection to the body's end, whatever the answer said, and a client trickling a byte now and
+/// then holds the connection, the task and a blocking thread for as long as it likes. `Connection:
+/// close` alone does not change that.
+struct Severance {
+    body: std::sync::Mutex<Option<hyper::body::Incoming>>,
+    /// Whoever last polled the body: woken when it is taken back, to get its error.
+    reader: futures::task::AtomicWaker,
+}
+
+impl Severance {
+    fn new(body: hyper::body::Incoming) -> Arc<Self> {
+        Arc::new(Severance {
+            body: std::sync::Mutex::new(Some(body)),
+            reader: futures::task::AtomicWaker::new(),
+        })
+    }
+
+    /// Drop hyper's body (hyper, its receiver gone, stops reading the connection) and wake the
+    /// reader, whose next read is an error.
+    fn sever(&self) {
+        let body = self
+            .body
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        drop(body);
+        self.reader.wake();
+    }
+}
+
+/// The router's side of a [`Severance`].
+struct SeverableBody(Arc<Severance>);
+
+impl hyper::body::Body for SeverableBody {
+    type Data = hyper::body::Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        self.0.reader.register(cx.waker());
+        let mut body = self
+            .0
+            .body
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match body.as_mut() {
+            Some(b) => std::pin::Pin::new(b).poll_frame(cx).map_err(Into::into),
+            None => std::task::Poll::Ready(Some(Err(
+                "the connection is closing; the rest of the request body was not read".into(),
+            ))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0
+            .body
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .is_some_and(hyper::body::Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.0
+            .body
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .map(hyper::body::Body::size_hint)
+            .unwrap_or_default()
+    }
+}
+
 /// Accepts connections and serves each over HTTP/1.1 with a header-read timeout, until
 /// `shutdown` completes; then stops accepting, lets the requests in progress finish, and closes
 /// the connections still open after [`CONNECTIONS_GRACE`] (so the router, and with it the
@@ -1154,10 +1243,24 @@ async fn accept_loop(
         conns.spawn(async move {
             let service =
                 hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let mut req = req.map(axum::body::Body::new);
-                    req.extensions_mut()
-                        .insert(axum::extract::ConnectInfo(peer));
-                    router.clone().oneshot(req)
+                    let router = router.clone();
+                    async move {
+                        let (parts, body) = req.into_parts();
+                        let body = Severance::new(body);
+                        let mut req = hyper::Request::from_parts(
+                            parts,
+                            axum::body::Body::new(SeverableBody(body.clone())),
+                        );
+                        req.extensions_mut()
+                            .insert(axum::extract::ConnectInfo(peer));
+                        let mut res = router.oneshot(req).await?;
+                        if closes_connection(res.status()) {
+                            body.sever();
+                            res.headers_mut()
+                                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                        }
+                        Ok::<_, std::convert::Infallible>(res)
+                    }
                 });
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder

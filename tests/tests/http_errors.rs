@@ -75,6 +75,87 @@ async fn wrong_content_type_is_415_and_oversize_body_is_413() {
     s.stop().await;
 }
 
+/// Reads `sock` until the server closes it (EOF), for at most `within`: what it sent, and
+/// whether it closed in time.
+async fn read_until_closed(
+    sock: &mut tokio::net::tcp::OwnedReadHalf,
+    within: std::time::Duration,
+) -> (String, bool) {
+    use tokio::io::AsyncReadExt;
+    let mut answer = Vec::new();
+    let closed = tokio::time::timeout(within, sock.read_to_end(&mut answer))
+        .await
+        .is_ok_and(|r| r.is_ok());
+    (String::from_utf8_lossy(&answer).into_owned(), closed)
+}
+
+/// Sends `head` on a new kept-alive connection, then one byte of the body every 50 ms (the
+/// whole body would take minutes); returns the read half and the trickling task.
+async fn trickle(
+    addr: &str,
+    head: String,
+) -> (tokio::net::tcp::OwnedReadHalf, tokio::task::JoinHandle<()>) {
+    use tokio::io::AsyncWriteExt;
+    let sock = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (read, mut write) = sock.into_split();
+    write.write_all(head.as_bytes()).await.expect("head");
+    let task = tokio::spawn(async move {
+        for _ in 0..4000 {
+            if write.write_all(b" ").await.is_err() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    });
+    (read, task)
+}
+
+/// A client that trickles its body past the request timeout gets its 504 OperationOutcome, and
+/// then loses the connection at once: it cannot hold the connection (and the handler's thread)
+/// open by sending a byte now and then. The same for a body refused as too large (413).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_trickled_past_the_request_timeout_gets_504_and_the_connection_is_closed() {
+    let s = TestServer::start_with(rx_platform::http::Limits {
+        request_timeout: std::time::Duration::from_secs(1),
+        ..rx_platform::http::Limits::default()
+    })
+    .await;
+    let t = s.token(&Who::prescriber("dr-pump", DR_PUMP));
+    let addr = s.base.trim_start_matches("http://").to_string();
+    let head = |length: usize| {
+        format!(
+            "POST /prescriptions HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {t}\r\n\
+             Content-Type: application/fhir+json\r\nContent-Length: {length}\r\n\r\n"
+        )
+    };
+
+    let started = std::time::Instant::now();
+    let (mut read, task) = trickle(&addr, head(4000)).await;
+    let (answer, closed) = read_until_closed(&mut read, std::time::Duration::from_secs(8)).await;
+    task.abort();
+    assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
+    assert!(answer.contains("OperationOutcome"), "{answer}");
+    assert!(
+        closed,
+        "the connection was still open {:?} after it started trickling: {answer}",
+        started.elapsed()
+    );
+    assert!(answer.contains("connection: close"), "{answer}");
+
+    // Declared too large, on a kept-alive connection: 413, then closed too.
+    let (mut read, task) = trickle(&addr, head(1024 * 1024 + 16)).await;
+    let (answer, closed) = read_until_closed(&mut read, std::time::Duration::from_secs(8)).await;
+    task.abort();
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("OperationOutcome"), "{answer}");
+    assert!(closed, "the connection stayed open after the 413: {answer}");
+
+    // The server goes on serving, and stops cleanly (no connection left hanging).
+    let r = s.call("GET", "/healthz", None, None).await;
+    assert_eq!(r.status, 200);
+    s.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_or_bad_tokens_are_401_with_a_bearer_challenge() {
     let s = TestServer::start().await;

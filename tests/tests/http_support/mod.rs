@@ -12,6 +12,7 @@ use rx_domain::Status;
 use rx_guard::access::{DevClaims, DevIssuer, Role};
 use rx_guard::audit::{Action, AuditEvent, AuditQuery};
 use rx_platform::flow::load_rx;
+use rx_platform::http::Limits;
 use rx_platform::Services;
 use rx_store::repo::AuditCtx;
 use rxflow::serve::{self, ServeArgs};
@@ -270,13 +271,18 @@ pub struct TestServer {
 impl TestServer {
     /// Start `rxflow serve` on 127.0.0.1:0 over a fresh data directory.
     pub async fn start() -> TestServer {
+        TestServer::start_with(Limits::default()).await
+    }
+
+    /// [`TestServer::start`] with other limits (a shorter request timeout, say).
+    pub async fn start_with(limits: Limits) -> TestServer {
         capture_logs();
         let dir = tempfile::tempdir().expect("temp dir");
         let args = ServeArgs {
             addr: "127.0.0.1:0".parse().expect("addr"),
             data_dir: dir.path().join("data"),
         };
-        let server = serve::bind(&args).await.expect("server binds");
+        let server = serve::bind_with(&args, limits).await.expect("server binds");
         let addr = server.local_addr();
         let svc = server.services();
         let issuer = DevIssuer::open_or_create(&rxflow::token::issuer_dir(&args.data_dir))
