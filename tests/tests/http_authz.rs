@@ -240,6 +240,128 @@ async fn the_same_order_submitted_twice_is_stored_once() {
     s.stop().await;
 }
 
+/// The Bundle's Patient is the prescriber system's latest demographics: resubmitting the same
+/// order with a new address and phone answers it as the stored order (200) and applies the new
+/// details to the patient's file, audited as an update of the Patient.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resubmitted_order_applies_the_patients_new_details() {
+    let s = TestServer::start().await;
+    let who = Who::prescriber("dr-pump", DR_PUMP);
+    let mut b = lisinopril("pat-moved", DR_PUMP);
+    let id = s.submit(&who, &b).await;
+    s.wait_for(TENANT, &id, Status::AwaitingVerification).await;
+    let before = s.events_of("dr-pump").await.len();
+
+    let patient = &mut b["entry"][0]["resource"];
+    patient["address"] =
+        json!([{"use": "home", "line": ["7 Birch Lane"], "city": "Salina", "state": "KS"}]);
+    patient["telecom"] = json!([{"system": "phone", "value": "555-0142"}]);
+    let again = s.as_who(&who, "POST", "/prescriptions", Some(&b)).await;
+    assert_eq!(again.status, 200, "{}", again.text);
+    assert_eq!(again.json["entry"][0]["response"]["status"], "200 OK");
+    assert_eq!(
+        again.header("location"),
+        Some(format!("/prescriptions/{id}").as_str())
+    );
+
+    let read = s
+        .as_who(
+            &Who::pharmacist("rph-moved"),
+            "GET",
+            &format!("/prescriptions/{id}"),
+            None,
+        )
+        .await;
+    assert_eq!(read.status, 200, "{}", read.text);
+    let contained = &read.json["contained"][0];
+    assert_eq!(contained["resourceType"], "Patient", "{}", read.text);
+    let address = contained["address"][0]["text"].as_str().unwrap_or("");
+    assert!(address.contains("7 Birch Lane"), "{}", read.text);
+    assert!(
+        !read.text.contains(STREET),
+        "the old street is gone: {}",
+        read.text
+    );
+    assert_eq!(
+        contained["telecom"][0]["value"], "555-0142",
+        "{}",
+        read.text
+    );
+
+    let updates: Vec<_> = s.events_of("dr-pump").await[before..]
+        .iter()
+        .filter(|e| e.action == AuditAction::Update && e.resource.kind == "Patient")
+        .cloned()
+        .collect();
+    assert_eq!(updates.len(), 1, "one update of the patient: {updates:?}");
+    assert_eq!(updates[0].function, "intake");
+    s.stop().await;
+}
+
+/// The kinds of the alerts the queue shows for `rx_id`.
+async fn queue_alert_kinds(s: &TestServer, rx_id: &str) -> Vec<String> {
+    let q = s
+        .as_who(&Who::pharmacist("rph-alerts"), "GET", "/queue", None)
+        .await;
+    assert_eq!(q.status, 200, "{}", q.text);
+    let entry = q.json["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .find(|e| e["rxId"] == rx_id)
+        .unwrap_or_else(|| panic!("{rx_id} is not in the queue: {}", q.text))
+        .clone();
+    entry["alerts"]
+        .as_array()
+        .expect("alerts")
+        .iter()
+        .filter_map(|a| a["kind"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// An AllergyIntolerance sent again with the same id is the prescriber system's latest word on
+/// it: resubmitting the order with the allergy now resolved replaces the one on file, so the
+/// next order is reviewed without it (it used to stay on file as first sent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resubmitted_allergy_replaces_the_one_on_file() {
+    let s = TestServer::start().await;
+    let who = Who::prescriber("dr-pump", DR_PUMP);
+    let allergy = |status: &str| {
+        json!({"resource": {
+            "resourceType": "AllergyIntolerance", "id": "alg-ace",
+            "clinicalStatus": {"coding": [{
+                "system": "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical",
+                "code": status}]},
+            "code": {"text": "lisinopril"},
+            "patient": {"reference": "Patient/pat-alg"}
+        }})
+    };
+    let mut b = lisinopril("pat-alg", DR_PUMP);
+    b["entry"]
+        .as_array_mut()
+        .expect("entries")
+        .insert(2, allergy("active"));
+    let first = s.submit(&who, &b).await;
+    s.wait_for(TENANT, &first, Status::AwaitingVerification)
+        .await;
+    let kinds = queue_alert_kinds(&s, &first).await;
+    assert!(kinds.iter().any(|k| k == "allergy"), "{kinds:?}");
+
+    b["entry"][2] = allergy("resolved");
+    let again = s.as_who(&who, "POST", "/prescriptions", Some(&b)).await;
+    assert_eq!(again.status, 200, "{}", again.text);
+
+    let next = s.submit(&who, &lisinopril("pat-alg", DR_PUMP)).await;
+    s.wait_for(TENANT, &next, Status::AwaitingVerification)
+        .await;
+    let kinds = queue_alert_kinds(&s, &next).await;
+    assert!(
+        !kinds.iter().any(|k| k == "allergy"),
+        "the resolved allergy still raised an alert: {kinds:?}"
+    );
+    s.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_tenant_sees_nothing_and_each_attempt_is_audited() {
     let s = TestServer::start().await;

@@ -231,7 +231,10 @@ pub async fn register_patient(
     .await
 }
 
-/// Add an allergy to a patient's file (creating the file if the patient is not known yet).
+/// Add an allergy to a patient's file (creating the file if the patient is not known yet). An
+/// allergy sent before (same id) is the submitter's latest word on it and replaces the one on
+/// file: one since resolved, or of another criticality, must not stay as it was for review. One
+/// without an id is added unless the very same is on file already.
 pub async fn add_allergy(
     svc: &Services,
     cx: &AuditCtx,
@@ -240,13 +243,16 @@ pub async fn add_allergy(
     allergy: Allergy,
 ) -> Result<String, StepError> {
     upsert_patient(svc, cx, tenant, patient_ref, move |record| {
-        let dup = allergy.source_id.is_some()
-            && record
-                .allergies
-                .iter()
-                .any(|a| a.source_id == allergy.source_id);
-        if !dup {
-            record.allergies.push(allergy.clone());
+        let on_file = record
+            .allergies
+            .iter_mut()
+            .find(|a| match &allergy.source_id {
+                Some(_) => a.source_id == allergy.source_id,
+                None => **a == allergy,
+            });
+        match on_file {
+            Some(a) => a.clone_from(&allergy),
+            None => record.allergies.push(allergy.clone()),
         }
     })
     .await
