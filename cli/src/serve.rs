@@ -28,7 +28,9 @@ use rx_platform::break_glass::{self, BreakGlassRequest, Opened};
 use rx_platform::config::{Config, ConfigError, DEFAULT_DATA_DIR};
 use rx_platform::event::{EventKind, PipelineEvent};
 use rx_platform::flow::break_glass_active;
-use rx_platform::http::{self as rxhttp, AppState, Caller, FhirJson, FhirPath, FhirQuery, Limits};
+use rx_platform::http::{
+    self as rxhttp, AppState, Caller, FhirJson, FhirPath, FhirQuery, Limits, NoParams,
+};
 use rx_platform::services::{Embedded, SetupError};
 use rx_platform::{Services, StepError, SystemClock};
 use rx_store::repo::domains;
@@ -622,6 +624,7 @@ async fn patient_prescriptions(
     State(st): State<ServeState>,
     caller: Caller,
     FhirPath(patient): FhirPath<String>,
+    FhirQuery(NoParams {}): FhirQuery<NoParams>,
 ) -> Answer {
     let v =
         rx_fn_records::list_for_patient(&st.app.svc, &caller.principal, caller.source_ip, &patient)
@@ -656,8 +659,8 @@ async fn cancel(
 #[serde(deny_unknown_fields)]
 struct QueueParams {
     #[serde(default)]
-    limit: Option<usize>,
-    /// The `next` of the page before.
+    limit: Option<String>,
+    /// The `next` of the page before (checked by the queue step: a cursor it never gave is a 400).
     #[serde(default)]
     after: Option<String>,
 }
@@ -667,7 +670,8 @@ async fn queue(
     caller: Caller,
     FhirQuery(q): FhirQuery<QueueParams>,
 ) -> Answer {
-    let limit = rxhttp::page_limit(q.limit, rx_fn_records::MAX_QUEUE, rx_fn_records::MAX_QUEUE);
+    let asked = rxhttp::query_param("limit", q.limit.as_deref(), rxhttp::LIMIT_EXPECTED)?;
+    let limit = rxhttp::page_limit(asked, rx_fn_records::MAX_QUEUE, rx_fn_records::MAX_QUEUE);
     let v = rx_fn_records::queue(
         &st.app.svc,
         &caller.principal,
@@ -776,6 +780,8 @@ async fn audit_read(
     Ok(())
 }
 
+/// The query string of `GET /audit/events`, as sent: each value is checked by
+/// [`AuditSearch::of`], which names the parameter it refuses.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct AuditParams {
@@ -786,26 +792,83 @@ struct AuditParams {
     #[serde(default)]
     user: Option<String>,
     #[serde(default)]
-    from: Option<chrono::DateTime<Utc>>,
+    from: Option<String>,
     #[serde(default)]
-    to: Option<chrono::DateTime<Utc>>,
+    to: Option<String>,
     #[serde(default)]
+    action: Option<String>,
+    #[serde(default)]
+    limit: Option<String>,
+}
+
+const TIME_EXPECTED: &str = "must be an RFC 3339 time, e.g. 2025-01-06T09:00:00Z";
+
+/// An audit search as asked, every value checked: one that does not fit is a 400 naming its
+/// parameter, never a search that silently drops it or cannot match anything.
+struct AuditSearch {
+    patient: Option<String>,
+    user: Option<String>,
     action: Option<rx_guard::audit::Action>,
-    #[serde(default)]
-    limit: Option<usize>,
+    from: chrono::DateTime<Utc>,
+    to: Option<chrono::DateTime<Utc>>,
+    limit: usize,
+}
+
+impl AuditSearch {
+    fn of(q: AuditParams, now: chrono::DateTime<Utc>) -> Result<Self, StepError> {
+        let from =
+            rxhttp::query_param::<chrono::DateTime<Utc>>("from", q.from.as_deref(), TIME_EXPECTED)?;
+        let to =
+            rxhttp::query_param::<chrono::DateTime<Utc>>("to", q.to.as_deref(), TIME_EXPECTED)?;
+        if let (Some(f), Some(t)) = (from, to) {
+            if f > t {
+                return Err(rxhttp::bad_parameter(
+                    "from",
+                    "is later than `to`: no event could match; give `from` before `to`",
+                ));
+            }
+        }
+        let action = match q.action.as_deref() {
+            None => None,
+            Some(a) => Some(
+                serde_json::from_value(Value::String(a.to_string())).map_err(|_| {
+                    rxhttp::bad_parameter(
+                        "action",
+                        "must be one of create, read, update, decrypt, disclose, deny, \
+                         break-glass, quarantine, login",
+                    )
+                })?,
+            ),
+        };
+        let asked = rxhttp::query_param("limit", q.limit.as_deref(), rxhttp::LIMIT_EXPECTED)?;
+        // Without `from`: the 24 hours before `to`, or before now if that is earlier (a `to`
+        // further back than a day would otherwise leave an empty window).
+        let window_end = to.map_or(now, |t| t.min(now));
+        Ok(AuditSearch {
+            patient: rxhttp::query_filter("patient", q.patient)?,
+            user: rxhttp::query_filter("user", q.user)?,
+            action,
+            from: from.unwrap_or(window_end - chrono::Duration::hours(AUDIT_DEFAULT_WINDOW_HOURS)),
+            to,
+            limit: rxhttp::page_limit(asked, AUDIT_DEFAULT_LIMIT, AUDIT_MAX_LIMIT),
+        })
+    }
 }
 
 /// `GET /audit/events?patient=&user=&from=&to=&action=&limit=`: a FHIR searchset Bundle of
-/// AuditEvents, oldest first. Without `from`, the last 24 hours.
+/// AuditEvents, oldest first. Without `from`, the 24 hours before `to` (or now).
 async fn audit_events(
     State(st): State<ServeState>,
     caller: Caller,
     FhirQuery(q): FhirQuery<AuditParams>,
 ) -> Answer {
     let svc = &st.app.svc;
-    let named = q.patient.as_deref().filter(|p| !p.trim().is_empty());
-    let patient = named.map(|p| svc.vault.patient_hex(p));
-    let patient_bytes = named.map(|p| svc.vault.blind(domains::PATIENT, p));
+    let q = AuditSearch::of(q, Utc::now())?;
+    let patient = q.patient.as_deref().map(|p| svc.vault.patient_hex(p));
+    let patient_bytes = q
+        .patient
+        .as_deref()
+        .map(|p| svc.vault.blind(domains::PATIENT, p));
     audit_read(
         svc,
         &caller,
@@ -814,18 +877,15 @@ async fn audit_events(
         patient_bytes.as_deref(),
     )
     .await?;
-    let limit = rxhttp::page_limit(q.limit, AUDIT_DEFAULT_LIMIT, AUDIT_MAX_LIMIT);
-    let query =
-        rx_guard::audit::AuditQuery {
-            patient,
-            subject: q.user.filter(|u| !u.trim().is_empty()),
-            action: q.action,
-            from: Some(q.from.unwrap_or_else(|| {
-                Utc::now() - chrono::Duration::hours(AUDIT_DEFAULT_WINDOW_HOURS)
-            })),
-            to: q.to,
-            ..Default::default()
-        };
+    let limit = q.limit;
+    let query = rx_guard::audit::AuditQuery {
+        patient,
+        subject: q.user,
+        action: q.action,
+        from: Some(q.from),
+        to: q.to,
+        ..Default::default()
+    };
     let found = rx_fn_audit::search(svc.vault.store.as_ref(), &query)
         .await
         .map_err(audit_failure)?;
@@ -909,7 +969,11 @@ async fn audit_disclosures(
 }
 
 /// `GET /audit/break-glass`: every break-glass session of this tenant with what it touched.
-async fn audit_break_glass(State(st): State<ServeState>, caller: Caller) -> Answer {
+async fn audit_break_glass(
+    State(st): State<ServeState>,
+    caller: Caller,
+    FhirQuery(NoParams {}): FhirQuery<NoParams>,
+) -> Answer {
     let svc = &st.app.svc;
     audit_read(
         svc,
@@ -934,7 +998,11 @@ async fn audit_break_glass(State(st): State<ServeState>, caller: Caller) -> Answ
 /// `GET /audit/export`: the tenant's events as FHIR R4 AuditEvents, one per line
 /// (`application/fhir+ndjson`), streamed page by page (constant memory, whatever the trail's
 /// length). The same conversion as `rx_fn_audit::export_fhir_ndjson`, scoped to the tenant.
-async fn audit_export(State(st): State<ServeState>, caller: Caller) -> Answer {
+async fn audit_export(
+    State(st): State<ServeState>,
+    caller: Caller,
+    FhirQuery(NoParams {}): FhirQuery<NoParams>,
+) -> Answer {
     let svc = &st.app.svc;
     audit_read(svc, &caller, Action::ExportAudit, "export", None).await?;
     let (tx, rx) = futures::channel::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(2);

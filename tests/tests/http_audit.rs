@@ -134,6 +134,120 @@ async fn a_query_string_that_does_not_fit_is_a_400_operation_outcome() {
     s.stop().await;
 }
 
+/// Every search or paging value that does not fit is a 400 naming its parameter (never
+/// quoting the value), not a search that silently drops it or cannot match anything; the list
+/// endpoints that take no parameters refuse any.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_search_value_that_does_not_fit_is_a_400_naming_its_parameter() {
+    let s = TestServer::start().await;
+    let a = auditor("auditor-values");
+    let now = chrono::Utc::now();
+    let later = urlencode(&(now + chrono::Duration::hours(1)).to_rfc3339());
+    let earlier = urlencode(&(now - chrono::Duration::hours(1)).to_rfc3339());
+    for (query, name) in [
+        ("from=yesterday".to_string(), "from"),
+        ("from=2025-01-06".to_string(), "from"),
+        ("to=Avery".to_string(), "to"),
+        (format!("from={later}&to={earlier}"), "from"),
+        ("action=peek".to_string(), "action"),
+        ("limit=all".to_string(), "limit"),
+        ("limit=-5".to_string(), "limit"),
+        ("user=".to_string(), "user"),
+        ("patient=%20".to_string(), "patient"),
+    ] {
+        let r = s
+            .as_who(&a, "GET", &format!("/audit/events?{query}"), None)
+            .await;
+        r.assert_outcome(400);
+        assert_eq!(
+            r.json["issue"][0]["expression"][0], name,
+            "{query}: {}",
+            r.text
+        );
+        assert!(r.text.contains(&format!("`{name}`")), "{query}: {}", r.text);
+        for value in ["yesterday", "Avery", "peek", "all"] {
+            assert!(
+                !r.text.contains(value),
+                "{query}: the value is echoed: {}",
+                r.text
+            );
+        }
+    }
+    let r = s
+        .as_who(&a, "GET", "/audit/events?limit=1&limit=2", None)
+        .await;
+    r.assert_outcome(400);
+    assert!(r.text.contains("`limit`"), "{}", r.text);
+    // Parameters an endpoint does not take: refused, the ones it takes named.
+    let r = s
+        .as_who(&a, "GET", "/audit/disclosures?patient=p-1&limit=5", None)
+        .await;
+    r.assert_outcome(400);
+    assert!(r.text.contains("`patient`"), "{}", r.text);
+    for path in [
+        format!("/audit/export?from={earlier}"),
+        "/audit/break-glass?user=rph-1".to_string(),
+    ] {
+        let r = s.as_who(&a, "GET", &path, None).await;
+        r.assert_outcome(400);
+        assert!(
+            r.text.contains("takes no query parameters"),
+            "{path}: {}",
+            r.text
+        );
+    }
+    let r = s
+        .as_who(
+            &Who::pharmacist("rph-values"),
+            "GET",
+            "/patients/pat-1/prescriptions?status=active",
+            None,
+        )
+        .await;
+    r.assert_outcome(400);
+    assert!(r.text.contains("takes no query parameters"), "{}", r.text);
+    s.stop().await;
+}
+
+/// `to` without `from` searches the 24 hours before `to`: an event older than a day is found
+/// by a `to` just after it (the window used to end before it began, so such a search was
+/// always empty).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn to_without_from_searches_the_day_before_to() {
+    use rx_guard::audit::{Actor, AuditEvent, Outcome, Purpose, ResourceRef};
+    let s = TestServer::start().await;
+    let at = chrono::Utc::now() - chrono::Duration::hours(60);
+    let mut old = AuditEvent::new(
+        Actor {
+            subject: "rph-long-ago".into(),
+            role: "pharmacist".into(),
+            tenant: TENANT.into(),
+        },
+        AuditAction::Read,
+        ResourceRef {
+            kind: "MedicationRequest".into(),
+            id: uuid::Uuid::now_v7().to_string(),
+        },
+        "records",
+        Purpose::Treatment,
+    );
+    old.at = at;
+    old.outcome = Outcome::Success;
+    s.svc.vault.audit(&[old]).await.expect("an old event");
+    let to = urlencode(&(at + chrono::Duration::hours(1)).to_rfc3339());
+    let r = s
+        .as_who(
+            &auditor("auditor-to"),
+            "GET",
+            &format!("/audit/events?user=rph-long-ago&to={to}"),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.json["total"], 1, "{}", r.text);
+    s.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn export_streams_the_tenants_events_as_fhir_ndjson() {
     let s = TestServer::start().await;

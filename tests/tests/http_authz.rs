@@ -640,3 +640,53 @@ async fn the_queue_pages_with_after() {
     assert_eq!(got, want, "each waiting order once");
     s.stop().await;
 }
+
+/// `after` takes only a `next` the server gave (an order id of the caller's pharmacy): anything
+/// else is a 400 naming `after`, never an empty or meaningless page; a `limit` that is no number
+/// is a 400 naming `limit`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_cursor_the_server_never_gave_is_a_400_naming_after() {
+    let s = TestServer::start().await;
+    let rph = Who::pharmacist("rph-cursor");
+    let mine = s.queued("pat-cursor").await;
+    let elsewhere = Who::prescriber("dr-pump", DR_PUMP).in_tenant(OTHER_TENANT);
+    let theirs = s
+        .submit(&elsewhere, &lisinopril("pat-cursor-b", DR_PUMP))
+        .await;
+    let never = uuid::Uuid::now_v7().to_string();
+    let shouted = mine.to_uppercase();
+    for after in [
+        "bogus",
+        "",
+        "zzzz",
+        never.as_str(),
+        theirs.as_str(),
+        shouted.as_str(),
+    ] {
+        let r = s
+            .as_who(&rph, "GET", &format!("/queue?after={after}"), None)
+            .await;
+        r.assert_outcome(400);
+        assert_eq!(r.json["issue"][0]["expression"][0], "after", "{}", r.text);
+        assert!(r.text.contains("`after`"), "{}", r.text);
+    }
+    for limit in ["many", "-1", "1.5", ""] {
+        let r = s
+            .as_who(&rph, "GET", &format!("/queue?limit={limit}"), None)
+            .await;
+        r.assert_outcome(400);
+        assert_eq!(r.json["issue"][0]["expression"][0], "limit", "{}", r.text);
+    }
+    // A cursor it gave is taken, and still is once that order has left the queue.
+    let r = s
+        .as_who(&rph, "GET", &format!("/queue?after={mine}"), None)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    s.verified(&mine).await;
+    let r = s
+        .as_who(&rph, "GET", &format!("/queue?after={mine}&limit=5"), None)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.json["count"], 0, "{}", r.text);
+    s.stop().await;
+}

@@ -209,7 +209,9 @@ pub async fn cancel(
 /// The orders of the caller's tenant awaiting verification, oldest id first, after the id
 /// `after` when given, at most `limit` (capped at [`MAX_QUEUE`]): ids, the drug's display and
 /// the DUR alerts (kind, severity, message); nothing about the patient. A full page names the
-/// id to pass as `after` for the next one (`next`).
+/// id to pass as `after` for the next one (`next`). An `after` that is no such cursor (not a
+/// prescription id of the caller's tenant) is refused (400, naming `after`): paging on from it
+/// would answer a page that means nothing, or an empty one.
 pub async fn queue(
     svc: &Services,
     p: &Principal,
@@ -226,6 +228,27 @@ pub async fn queue(
     );
     let kind = kind_of(Table::Prescriptions);
     authorize(svc, &cx, p, Action::ReadQueue, None, kind, "queue", None).await?;
+    if let Some(a) = after {
+        // A `next` is an order's id as this server writes it (a hyphenated UUID), and the order
+        // stays in the tenant's table whatever became of it since. Only the row's presence is
+        // looked at: nothing sealed is opened.
+        let ours = uuid::Uuid::try_parse(a).is_ok_and(|u| u.hyphenated().to_string() == a)
+            && svc
+                .vault
+                .store
+                .get(Table::Prescriptions, &p.tenant, a)
+                .await?
+                .is_some();
+        if !ours {
+            return Err(StepError::Invalid {
+                code: "value",
+                message: "the query parameter `after` is not a cursor this server gave: pass \
+                          the `next` of the page before, or leave `after` out for the first page"
+                    .into(),
+                expression: Some("after".into()),
+            });
+        }
+    }
     let rows = svc
         .vault
         .store

@@ -37,7 +37,7 @@ use rx_guard::audit::ResourceRef;
 use rx_guard::GuardError;
 use rx_store::repo::AuditCtx;
 use serde::de::DeserializeOwned;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::Semaphore;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -461,26 +461,92 @@ where
             .await
             .map(|axum::extract::Query(q)| FhirQuery(q))
             .map_err(|e| {
-                // A missing parameter is named (the name is the endpoint's own); an unknown one
-                // is not echoed.
-                let text = e.body_text();
-                let message = match missing_parameter(&text) {
-                    Some(name) => format!("the query string needs the parameter `{name}`"),
-                    None => "the query string has a parameter this endpoint does not know or a value of the wrong form (times are RFC 3339)".to_string(),
-                };
-                outcome(StatusCode::BAD_REQUEST, "invalid", message)
+                outcome(
+                    StatusCode::BAD_REQUEST,
+                    "invalid",
+                    query_refusal(&e.body_text()),
+                )
             })
     }
 }
 
-/// The field serde says is missing (`missing field `patient``), if that is the refusal.
-fn missing_parameter(text: &str) -> Option<&str> {
-    let rest = &text[text.find("missing field `")? + "missing field `".len()..];
+/// What a query string that does not fit the endpoint's parameters gets told. A missing or
+/// repeated parameter is named (the name is the endpoint's own); an unknown one is not echoed
+/// (it may hold anything), but the parameters the endpoint takes are listed.
+fn query_refusal(text: &str) -> String {
+    if let Some(name) = field_named(text, "missing field `") {
+        return format!("the query string needs the parameter `{name}`");
+    }
+    if let Some(name) = field_named(text, "duplicate field `") {
+        return format!("the query string gives the parameter `{name}` more than once");
+    }
+    if text.contains("unknown field") {
+        if text.contains("there are no fields") {
+            return "this endpoint takes no query parameters".to_string();
+        }
+        if let Some((_, known)) = text.split_once("expected ") {
+            return format!(
+                "the query string has a parameter this endpoint does not know; it takes {known}"
+            );
+        }
+    }
+    "the query string has a parameter this endpoint does not know or a value of the wrong form"
+        .to_string()
+}
+
+/// The field serde names after `marker` (`missing field `patient``), if it is a plain name.
+fn field_named<'a>(text: &'a str, marker: &str) -> Option<&'a str> {
+    let rest = &text[text.find(marker)? + marker.len()..];
     let name = &rest[..rest.find('`')?];
     name.chars()
         .all(|c| c.is_ascii_alphanumeric() || c == '_')
         .then_some(name)
 }
+
+/// The query of an endpoint that takes no parameters: any parameter is refused (400), since a
+/// filter or a page size it silently ignored would give the caller a wrong picture.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoParams {}
+
+/// A query parameter whose value does not fit: a 400 OperationOutcome naming the parameter and
+/// saying what it takes (`sentence` follows the name). The value is never quoted: it may hold
+/// anything, PHI included.
+pub fn bad_parameter(name: &str, sentence: &str) -> StepError {
+    StepError::Invalid {
+        code: "value",
+        message: format!("the query parameter `{name}` {sentence}"),
+        expression: Some(name.to_string()),
+    }
+}
+
+/// The value of the query parameter `name` as a `T`; one that does not parse is a
+/// [`bad_parameter`] with `expected` as its sentence.
+pub fn query_param<T: std::str::FromStr>(
+    name: &str,
+    value: Option<&str>,
+    expected: &str,
+) -> Result<Option<T>, StepError> {
+    value
+        .map(|v| v.parse::<T>().map_err(|_| bad_parameter(name, expected)))
+        .transpose()
+}
+
+/// A search filter's value. Given but empty it is refused: dropping it would silently widen
+/// the search to everything.
+pub fn query_filter(name: &str, value: Option<String>) -> Result<Option<String>, StepError> {
+    match value {
+        Some(v) if v.trim().is_empty() => Err(bad_parameter(
+            name,
+            "is empty: give it a value, or leave the parameter out",
+        )),
+        other => Ok(other),
+    }
+}
+
+/// The sentence of a page size that does not parse.
+pub const LIMIT_EXPECTED: &str =
+    "must be a whole number of entries (0 for as many as a page holds)";
 
 /// The page size a caller asked for: `default` when not given, 0 for as many as one page may
 /// hold, never more than `max`.
