@@ -266,13 +266,40 @@ async fn sweep(svc: &Arc<Services>, slots: &Arc<Semaphore>, tenant: &str) {
     }
 }
 
+/// [`sweep`] every tenant that has orders. The server takes orders for whichever pharmacy a
+/// trusted token names (the deployment's own tenant is only where refused sign-ins are
+/// audited), so any of them may have orders left pending in the one store.
+async fn sweep_every_tenant(svc: &Arc<Services>, slots: &Arc<Semaphore>) {
+    match svc.vault.store.tenants(Table::Prescriptions).await {
+        Ok(tenants) => {
+            for t in tenants {
+                sweep(svc, slots, &t).await;
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not list the tenants whose pending orders to resume")
+        }
+    }
+}
+
+/// What the pipeline does first when it starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resume {
+    /// Resume the orders of every tenant left pending (accepted, not yet through validate and
+    /// review) by a crash or a stop mid-chain: what `serve` does.
+    Pending,
+    /// Nothing: only the events it is handed (a test of the queue alone).
+    Nothing,
+}
+
 /// The pipeline runs on a thread of its own (a single-threaded runtime): however much work
 /// queues up behind a burst of submissions, it takes at most one core from the HTTP side, so
-/// intake keeps answering fast. It first resumes `resume_tenant`'s pending orders. `done`
-/// completes once every sender is gone and the chains still running have finished.
+/// intake keeps answering fast. With [`Resume::Pending`] it first resumes every tenant's pending
+/// orders. `done` completes once every sender is gone and the chains still running have
+/// finished.
 pub fn spawn_pipeline(
     svc: Arc<Services>,
-    resume_tenant: String,
+    resume: Resume,
     capacity: usize,
 ) -> Result<(Pipeline, oneshot::Receiver<()>), ServeError> {
     let (tx, mut rx) = mpsc::channel::<PipelineEvent>(capacity.max(1));
@@ -285,7 +312,9 @@ pub fn spawn_pipeline(
     let overflow = pipeline.overflow.clone();
     let worker = async move {
         let slots = Arc::new(Semaphore::new(PIPELINE_WORKERS));
-        sweep(&svc, &slots, &resume_tenant).await;
+        if resume == Resume::Pending {
+            sweep_every_tenant(&svc, &slots).await;
+        }
         loop {
             let ev = match rx.try_recv() {
                 Ok(ev) => ev,
@@ -1105,7 +1134,7 @@ pub async fn bind_with(args: &ServeArgs, limits: Limits) -> Result<Server, Serve
     let verifier = verifier_from_env(&args.data_dir, |k| std::env::var(k).ok())?;
     let state = AppState::new(embedded.services, verifier, &config.tenant);
     let (pipeline, pipeline_done) =
-        spawn_pipeline(state.svc.clone(), config.tenant.clone(), PIPELINE_QUEUE)?;
+        spawn_pipeline(state.svc.clone(), Resume::Pending, PIPELINE_QUEUE)?;
     let router = app(state.clone(), pipeline, &limits);
     let listener = TcpListener::bind(args.addr)
         .await
@@ -1420,6 +1449,7 @@ mod tests {
     use rx_store::repo::AuditCtx;
 
     const TENANT: &str = "pharmacy-t";
+    const OTHER_TENANT: &str = "pharmacy-u";
 
     /// An order by a prescriber the Bundle registers, for its own patient.
     /// The embedded services over a new data directory in `dir`.
@@ -1452,12 +1482,16 @@ mod tests {
     }
 
     async fn queued(svc: &Services) -> usize {
+        queued_in(svc, TENANT).await
+    }
+
+    async fn queued_in(svc: &Services, tenant: &str) -> usize {
         let status = rx_domain::Status::AwaitingVerification;
         svc.vault
             .store
             .list(
                 Table::Prescriptions,
-                TENANT,
+                tenant,
                 Some(status.as_str()),
                 None,
                 1000,
@@ -1468,6 +1502,10 @@ mod tests {
     }
 
     async fn waiting(svc: &Services) -> usize {
+        waiting_in(svc, TENANT).await
+    }
+
+    async fn waiting_in(svc: &Services, tenant: &str) -> usize {
         let mut n = 0;
         for status in [rx_domain::Status::Received, rx_domain::Status::Validated] {
             n += svc
@@ -1475,7 +1513,7 @@ mod tests {
                 .store
                 .list(
                     Table::Prescriptions,
-                    TENANT,
+                    tenant,
                     Some(status.as_str()),
                     None,
                     1000,
@@ -1595,7 +1633,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let svc = services_in(dir.path());
         let (pipeline, _done) =
-            spawn_pipeline(svc.clone(), TENANT.into(), PIPELINE_QUEUE).expect("pipeline");
+            spawn_pipeline(svc.clone(), Resume::Pending, PIPELINE_QUEUE).expect("pipeline");
         let example: Value =
             serde_json::from_str(include_str!("../../events/bundle-order.json")).expect("bundle");
         let tasks: Vec<_> = (0..32)
@@ -1635,7 +1673,7 @@ mod tests {
         }
         assert_eq!(waiting(&svc).await, 30);
         // A queue of one: nearly every event overflows.
-        let (pipeline, _done) = spawn_pipeline(svc.clone(), "nobody".into(), 1).expect("pipeline");
+        let (pipeline, _done) = spawn_pipeline(svc.clone(), Resume::Nothing, 1).expect("pipeline");
         pipeline.publish(events);
         for _ in 0..1000 {
             if waiting(&svc).await == 0 {
@@ -1647,26 +1685,35 @@ mod tests {
         panic!("{} orders were left behind", waiting(&svc).await);
     }
 
+    /// Orders of every tenant, not only the deployment's own (`default` here): the server takes
+    /// orders for any tenant a trusted token names.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn orders_left_pending_by_a_previous_run_are_resumed_at_start() {
         let dir = tempfile::tempdir().expect("dir");
         let svc = services_in(dir.path());
-        let cx = AuditCtx::system(INTAKE, TENANT);
-        for i in 0..5 {
-            rx_fn_intake::handle(&svc, &cx, TENANT, &bundle(i))
-                .await
-                .expect("intake");
+        for tenant in [TENANT, OTHER_TENANT] {
+            let cx = AuditCtx::system(INTAKE, tenant);
+            for i in 0..5 {
+                rx_fn_intake::handle(&svc, &cx, tenant, &bundle(i))
+                    .await
+                    .expect("intake");
+            }
         }
-        // Nothing published: only the start-up sweep of the tenant finds them.
+        // Nothing published: only the start-up sweep finds them.
         let (_pipeline, _done) =
-            spawn_pipeline(svc.clone(), TENANT.into(), PIPELINE_QUEUE).expect("pipeline");
+            spawn_pipeline(svc.clone(), Resume::Pending, PIPELINE_QUEUE).expect("pipeline");
         for _ in 0..1000 {
-            if waiting(&svc).await == 0 {
-                assert_eq!(queued(&svc).await, 5);
+            if waiting_in(&svc, TENANT).await + waiting_in(&svc, OTHER_TENANT).await == 0 {
+                assert_eq!(queued_in(&svc, TENANT).await, 5);
+                assert_eq!(queued_in(&svc, OTHER_TENANT).await, 5);
                 return;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        panic!("{} orders were not resumed", waiting(&svc).await);
+        panic!(
+            "orders were not resumed: {} in {TENANT}, {} in {OTHER_TENANT}",
+            waiting_in(&svc, TENANT).await,
+            waiting_in(&svc, OTHER_TENANT).await
+        );
     }
 }

@@ -274,3 +274,179 @@ fn a_running_server_seals_the_trail_on_its_schedule_and_when_it_stops() {
         "{last}"
     );
 }
+
+/// A token signed by `data`'s dev issuer (`rxflow token <args>`).
+fn token_for(data: &std::path::Path, args: &[&str]) -> String {
+    let mut all = vec!["token"];
+    all.extend_from_slice(args);
+    all.extend(["--data-dir", data.to_str().expect("path")]);
+    let out = run(&all);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    text(&out.stdout).trim().to_string()
+}
+
+/// Orders of `tenant` accepted but not yet through validate and review, read from the store
+/// file (statuses are workflow columns, in clear).
+fn pending_in(data: &std::path::Path, tenant: &str) -> i64 {
+    let db = rusqlite::Connection::open(data.join("rxflow.db")).expect("open the store");
+    db.query_row(
+        "SELECT COUNT(*) FROM prescriptions WHERE tenant = ?1 AND status IN ('received', 'validated')",
+        [tenant],
+        |r| r.get(0),
+    )
+    .expect("count pending orders")
+}
+
+/// One GET over a fresh connection: the status and the body as JSON.
+fn get_json(port: u16, path: &str, token: &str) -> (u16, Value) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let head = format!(
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nAuthorization: Bearer {token}\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).expect("request");
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer).expect("answer");
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("a status line");
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+/// The server takes orders for any tenant a token it trusts names, not only its own deployment
+/// tenant (`default`). Killed (SIGKILL) while such orders are still on their way through validate
+/// and review, it resumes them at its next start: each reaches that pharmacy's queue.
+#[test]
+fn orders_of_another_tenant_left_pending_by_a_kill_reach_the_queue_after_a_restart() {
+    const ELSEWHERE: &str = "pharmacy-elsewhere";
+    let dir = tempfile::tempdir().expect("dir");
+    let data = dir.path().join("data");
+    let token = token_for(
+        &data,
+        &[
+            "--role",
+            "prescriber",
+            "--sub",
+            "dr-elsewhere",
+            "--npi",
+            "1234567893",
+            "--tenant",
+            ELSEWHERE,
+        ],
+    );
+    let pharmacist = token_for(
+        &data,
+        &[
+            "--role",
+            "pharmacist",
+            "--sub",
+            "rph-elsewhere",
+            "--mfa",
+            "--tenant",
+            ELSEWHERE,
+        ],
+    );
+    let port = free_port();
+    let mut accepted: Vec<String> = Vec::new();
+    let mut pending = 0;
+    // A kill lands while some orders are still pending nearly always; a round that found the
+    // pipeline done with all of them is run again (at most five).
+    for round in 0..5 {
+        let mut server = serve(&data, port);
+        let answered = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let workers: Vec<_> = (0..4)
+            .map(|w| {
+                let (answered, stop, token) = (answered.clone(), stop.clone(), token.clone());
+                std::thread::spawn(move || {
+                    let mut i = 0;
+                    while !stop.load(Ordering::SeqCst) {
+                        i += 1;
+                        let mut b = example_bundle();
+                        for e in b["entry"].as_array_mut().expect("entries") {
+                            if e["resource"]["resourceType"] == "MedicationRequest" {
+                                e["resource"]["id"] =
+                                    Value::from(format!("elsewhere-{round}-{w}-{i}"));
+                            }
+                        }
+                        let body = serde_json::to_vec(&b).expect("body");
+                        if let Ok((201, Some(loc))) =
+                            http(port, "POST", "/prescriptions", Some(&token), Some(&body))
+                        {
+                            answered.lock().expect("lock").push(loc);
+                        }
+                    }
+                })
+            })
+            .collect();
+        let until = Instant::now() + Duration::from_secs(20);
+        while answered.lock().expect("lock").len() < 30 && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        server.kill().expect("SIGKILL");
+        server.wait().expect("reaped");
+        stop.store(true, Ordering::SeqCst);
+        for w in workers {
+            w.join().expect("worker");
+        }
+        accepted.extend(
+            answered
+                .lock()
+                .expect("lock")
+                .iter()
+                .map(|l| l.trim_start_matches("/prescriptions/").to_string()),
+        );
+        pending = pending_in(&data, ELSEWHERE);
+        if pending > 0 {
+            break;
+        }
+    }
+    assert!(
+        pending > 0,
+        "every kill came after the pipeline had finished; nothing was left to resume"
+    );
+    assert!(!accepted.is_empty());
+
+    let mut server = serve(&data, port);
+    let until = Instant::now() + Duration::from_secs(30);
+    while pending_in(&data, ELSEWHERE) > 0 && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let left = pending_in(&data, ELSEWHERE);
+    let mut queued = std::collections::BTreeSet::new();
+    let mut path = "/queue?limit=0".to_string();
+    loop {
+        let (status, page) = get_json(port, &path, &pharmacist);
+        assert_eq!(status, 200, "{page}");
+        queued.extend(
+            page["entries"]
+                .as_array()
+                .expect("entries")
+                .iter()
+                .filter_map(|e| e["rxId"].as_str().map(str::to_string)),
+        );
+        match page["next"].as_str() {
+            Some(next) => path = format!("/queue?limit=0&after={next}"),
+            None => break,
+        }
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+    assert_eq!(
+        left, 0,
+        "{left} of the tenant's orders were not resumed after the restart"
+    );
+    let missing: Vec<_> = accepted.iter().filter(|id| !queued.contains(*id)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} accepted orders are not in the pharmacy's queue: {:?}",
+        missing.len(),
+        accepted.len(),
+        &missing[..missing.len().min(5)]
+    );
+}

@@ -191,6 +191,9 @@ pub trait RecordStore: AuditSink + Send + Sync {
     ) -> StoreResult<Vec<Row>>;
     /// Count rows per status in `table` across all tenants.
     async fn count_by_status(&self, table: Table) -> StoreResult<Vec<(String, u64)>>;
+    /// The tenants with at least one row in `table`, in order (what holds orders of a
+    /// deployment serving several pharmacies from one store).
+    async fn tenants(&self, table: Table) -> StoreResult<Vec<String>>;
     /// The latest `updated_at` of any row in `table`, across tenants; `None` when it is empty.
     async fn last_updated(&self, table: Table) -> StoreResult<Option<DateTime<Utc>>>;
     /// Atomically apply a change set (see [`Changes`]).

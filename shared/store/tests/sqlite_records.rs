@@ -349,6 +349,34 @@ async fn count_by_status_counts_every_tenant() {
 }
 
 #[tokio::test]
+async fn tenants_lists_each_tenant_with_rows_once_in_order() {
+    let (_dir, store) = open_temp();
+    assert!(store
+        .tenants(Table::Prescriptions)
+        .await
+        .unwrap()
+        .is_empty());
+    for (tenant, id) in [("t2", "a"), ("t1", "b"), ("t2", "c"), ("t3", "d")] {
+        store
+            .commit(insert(row(Table::Prescriptions, tenant, id), vec![]))
+            .await
+            .unwrap();
+    }
+    store
+        .commit(insert(row(Table::Patients, "t9", "p"), vec![]))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.tenants(Table::Prescriptions).await.unwrap(),
+        vec!["t1".to_string(), "t2".into(), "t3".into()]
+    );
+    assert_eq!(
+        store.tenants(Table::Patients).await.unwrap(),
+        vec!["t9".to_string()]
+    );
+}
+
+#[tokio::test]
 async fn find_by_index_returns_oldest_first() {
     let (_dir, store) = open_temp();
     for (id, minutes) in [("rx-b", 30), ("rx-a", 10), ("rx-c", 20)] {

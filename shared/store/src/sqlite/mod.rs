@@ -889,6 +889,17 @@ impl RecordStore for SqliteStore {
         )
     }
 
+    async fn tenants(&self, table: Table) -> StoreResult<Vec<String>> {
+        self.read(
+            |conn, tables| {
+                conn.prepare_cached(&tables[table_slot(table)].tenants)?
+                    .query_map([], |r| r.get(0))?
+                    .collect()
+            },
+            "listing the tenants",
+        )
+    }
+
     async fn last_updated(&self, table: Table) -> StoreResult<Option<DateTime<Utc>>> {
         // Fixed-width timestamps: the text maximum is the latest.
         let sql = format!("SELECT MAX(updated_at) FROM {}", table.as_str());

@@ -161,6 +161,7 @@ pub(crate) struct TableSql {
     pub list_status: String,
     pub list_status_after: String,
     pub count_by_status: String,
+    pub tenants: String,
 }
 
 const COLUMNS: &str = "id, tenant, status, version, created_at, updated_at, idx, \"key\", sealed";
@@ -197,6 +198,15 @@ impl TableSql {
             ),
             count_by_status: format!(
                 "SELECT status, COUNT(*) FROM {t} GROUP BY status ORDER BY status"
+            ),
+            // One index seek per tenant on (tenant, status, id), not a scan of every row.
+            tenants: format!(
+                "WITH RECURSIVE t(tenant) AS (
+                     SELECT MIN(tenant) FROM {t}
+                     UNION ALL
+                     SELECT (SELECT MIN(tenant) FROM {t} WHERE tenant > t.tenant) FROM t
+                     WHERE t.tenant IS NOT NULL)
+                 SELECT tenant FROM t WHERE tenant IS NOT NULL"
             ),
         }
     }
