@@ -154,7 +154,7 @@ enum AuditCommand {
         /// The acting user (JWT subject).
         #[arg(long)]
         user: Option<String>,
-        /// create, read, update, decrypt, disclose, deny, break-glass, quarantine.
+        /// create, read, update, decrypt, disclose, deny, break-glass, quarantine, login.
         #[arg(long)]
         action: Option<String>,
         /// From this time (RFC 3339).
@@ -399,6 +399,20 @@ async fn audit(command: AuditCommand) -> Result<ExitCode, CommandError> {
             to,
             limit,
         } => {
+            if let (Some(f), Some(t)) = (from, to) {
+                if f > t {
+                    return Err(CommandError::Usage(
+                        "--from is later than --to: no event can match; swap them".into(),
+                    ));
+                }
+            }
+            for (flag, value) in [("--patient", &patient), ("--user", &user)] {
+                if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
+                    return Err(CommandError::Usage(format!(
+                        "{flag} is empty: give a value, or leave the flag out to search every one"
+                    )));
+                }
+            }
             let emb = open(data)?;
             let action = match action.as_deref() {
                 None => None,
@@ -408,7 +422,7 @@ async fn audit(command: AuditCommand) -> Result<ExitCode, CommandError> {
                     ))
                     .map_err(|_| {
                         CommandError::Usage(format!(
-                            "unknown action '{s}': use create, read, update, decrypt, disclose, deny, break-glass or quarantine"
+                            "unknown action '{s}': use create, read, update, decrypt, disclose, deny, break-glass, quarantine or login"
                         ))
                     })?,
                 ),

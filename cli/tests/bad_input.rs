@@ -220,3 +220,34 @@ fn a_data_dir_whose_key_or_store_is_gone_is_refused_not_started_anew() {
         "no empty store was made beside the keys"
     );
 }
+
+/// `rxflow audit events` refuses a search that can match nothing or would match everything
+/// unasked (a window that ends before it starts, an empty user or patient), naming the flag.
+#[test]
+fn audit_events_refuses_an_empty_window_or_an_empty_value() {
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().to_str().unwrap();
+    let cases: [(&[&str], &str); 3] = [
+        (
+            &[
+                "--from",
+                "2026-02-01T00:00:00Z",
+                "--to",
+                "2026-01-01T00:00:00Z",
+            ],
+            "--from is later than --to",
+        ),
+        (&["--user", ""], "--user is empty"),
+        (&["--patient", " "], "--patient is empty"),
+    ];
+    for (args, says) in cases {
+        let out = rxflow()
+            .args(["audit", "events", "--data-dir", dir])
+            .args(args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} should fail");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+}
