@@ -157,11 +157,11 @@ enum AuditCommand {
         /// create, read, update, decrypt, disclose, deny, break-glass, quarantine, login.
         #[arg(long)]
         action: Option<String>,
-        /// From this time (RFC 3339).
-        #[arg(long)]
+        /// From this time (RFC 3339, years 0000 to 9999).
+        #[arg(long, value_parser = user_time)]
         from: Option<chrono::DateTime<chrono::Utc>>,
-        /// Up to this time (RFC 3339).
-        #[arg(long)]
+        /// Up to this time (RFC 3339, years 0000 to 9999).
+        #[arg(long, value_parser = user_time)]
         to: Option<chrono::DateTime<chrono::Utc>>,
         /// At most this many events (0: all).
         #[arg(long, default_value_t = 1000)]
@@ -501,4 +501,10 @@ mod erased {
             serde_json::to_string(self).map_err(std::io::Error::other)
         }
     }
+}
+
+/// A time flag's value: the same times the HTTP API takes (`rx_platform::clock::parse_time`).
+fn user_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    rx_platform::clock::parse_time(s)
+        .ok_or_else(|| format!("the time {}", rx_platform::clock::TIME_EXPECTED))
 }

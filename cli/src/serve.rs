@@ -25,6 +25,7 @@ use rx_guard::access::{Action, DevIssuer, JwksSource, JwtConfig, JwtVerifier, Re
 use rx_guard::audit::ResourceRef;
 use rx_guard::GuardError;
 use rx_platform::break_glass::{self, BreakGlassRequest, Opened};
+use rx_platform::clock::earliest_time;
 use rx_platform::config::{Config, ConfigError, DEFAULT_DATA_DIR};
 use rx_platform::event::{EventKind, PipelineEvent};
 use rx_platform::flow::break_glass_active;
@@ -830,8 +831,6 @@ struct AuditParams {
     limit: Option<String>,
 }
 
-const TIME_EXPECTED: &str = "must be an RFC 3339 time, e.g. 2025-01-06T09:00:00Z";
-
 /// An audit search as asked, every value checked: one that does not fit is a 400 naming its
 /// parameter, never a search that silently drops it or cannot match anything.
 struct AuditSearch {
@@ -845,10 +844,8 @@ struct AuditSearch {
 
 impl AuditSearch {
     fn of(q: AuditParams, now: chrono::DateTime<Utc>) -> Result<Self, StepError> {
-        let from =
-            rxhttp::query_param::<chrono::DateTime<Utc>>("from", q.from.as_deref(), TIME_EXPECTED)?;
-        let to =
-            rxhttp::query_param::<chrono::DateTime<Utc>>("to", q.to.as_deref(), TIME_EXPECTED)?;
+        let from = rxhttp::query_time("from", q.from.as_deref())?;
+        let to = rxhttp::query_time("to", q.to.as_deref())?;
         if let (Some(f), Some(t)) = (from, to) {
             if f > t {
                 return Err(rxhttp::bad_parameter(
@@ -871,13 +868,19 @@ impl AuditSearch {
         };
         let asked = rxhttp::query_param("limit", q.limit.as_deref(), rxhttp::LIMIT_EXPECTED)?;
         // Without `from`: the 24 hours before `to`, or before now if that is earlier (a `to`
-        // further back than a day would otherwise leave an empty window).
-        let window_end = to.map_or(now, |t| t.min(now));
+        // further back than a day would otherwise leave an empty window), never before the
+        // earliest time a search may name.
+        let from = from.unwrap_or_else(|| {
+            let window_end = to.map_or(now, |t| t.min(now));
+            window_end
+                .checked_sub_signed(chrono::Duration::hours(AUDIT_DEFAULT_WINDOW_HOURS))
+                .map_or(earliest_time(), |t| t.max(earliest_time()))
+        });
         Ok(AuditSearch {
             patient: rxhttp::query_filter("patient", q.patient)?,
             user: rxhttp::query_filter("user", q.user)?,
             action,
-            from: from.unwrap_or(window_end - chrono::Duration::hours(AUDIT_DEFAULT_WINDOW_HOURS)),
+            from,
             to,
             limit: rxhttp::page_limit(asked, AUDIT_DEFAULT_LIMIT, AUDIT_MAX_LIMIT),
         })

@@ -222,12 +222,13 @@ fn a_data_dir_whose_key_or_store_is_gone_is_refused_not_started_anew() {
 }
 
 /// `rxflow audit events` refuses a search that can match nothing or would match everything
-/// unasked (a window that ends before it starts, an empty user or patient), naming the flag.
+/// unasked (a window that ends before it starts, a time outside years 0000–9999, an empty user or
+/// patient), naming the flag.
 #[test]
 fn audit_events_refuses_an_empty_window_or_an_empty_value() {
     let data = tempfile::tempdir().unwrap();
     let dir = data.path().to_str().unwrap();
-    let cases: [(&[&str], &str); 3] = [
+    let cases: [(&[&str], &str); 6] = [
         (
             &[
                 "--from",
@@ -239,6 +240,10 @@ fn audit_events_refuses_an_empty_window_or_an_empty_value() {
         ),
         (&["--user", ""], "--user is empty"),
         (&["--patient", " "], "--patient is empty"),
+        // outside years 0000–9999: searched as text, such a time widened or emptied the search
+        (&["--from", "+10000-01-01T00:00:00Z"], "9999-12-31"),
+        (&["--to=-262143-01-01T00:00:00Z"], "9999-12-31"),
+        (&["--to", "9999-12-31T23:00:00-05:00"], "9999-12-31"),
     ];
     for (args, says) in cases {
         let out = rxflow()

@@ -209,6 +209,58 @@ async fn a_search_value_that_does_not_fit_is_a_400_naming_its_parameter() {
     s.stop().await;
 }
 
+/// A time outside years 0000–9999 (in UTC) is a 400 naming its parameter: the store orders times
+/// as fixed-width text, so a signed or five-digit year widened the search to every event or
+/// emptied it, and a `to` near chrono's limit panicked computing the default window (a 500).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_time_outside_years_0000_to_9999_is_a_400_naming_its_parameter() {
+    let s = TestServer::start().await;
+    let a = auditor("auditor-years");
+    for (query, name) in [
+        ("from=%2B10000-01-01T00:00:00Z", "from"),
+        (
+            "from=2020-01-01T00:00:00Z&to=%2B10000-01-01T00:00:00Z",
+            "to",
+        ),
+        ("to=-262143-01-01T00:00:00Z", "to"),
+        (
+            "from=-262143-01-01T00:00:00Z&to=-262143-01-01T00:00:00Z",
+            "from",
+        ),
+        ("from=-0001-12-31T00:00:00Z", "from"),
+        // in range as written, past 9999 in UTC
+        ("to=9999-12-31T23:00:00-05:00", "to"),
+    ] {
+        let r = s
+            .as_who(&a, "GET", &format!("/audit/events?{query}"), None)
+            .await;
+        r.assert_outcome(400);
+        assert_eq!(
+            r.json["issue"][0]["expression"][0], name,
+            "{query}: {}",
+            r.text
+        );
+        assert!(r.text.contains("9999-12-31"), "says the range: {}", r.text);
+        assert!(
+            !r.text.contains("10000") && !r.text.contains("262143"),
+            "{}",
+            r.text
+        );
+    }
+    // The earliest and latest times are searched; a default window reaching before year 0000
+    // starts at its first instant.
+    for query in [
+        "to=0000-01-01T00:00:00Z",
+        "from=0000-01-01T00:00:00Z&to=9999-12-31T23:59:59Z",
+    ] {
+        let r = s
+            .as_who(&a, "GET", &format!("/audit/events?{query}"), None)
+            .await;
+        assert_eq!(r.status, 200, "{query}: {}", r.text);
+    }
+    s.stop().await;
+}
+
 /// `to` without `from` searches the 24 hours before `to`: an event older than a day is found
 /// by a `to` just after it (the window used to end before it began, so such a search was
 /// always empty).

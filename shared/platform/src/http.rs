@@ -30,7 +30,7 @@ use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use rx_domain::fhir::operation_outcome_issues;
 use rx_guard::access::{self, Action, Decision, JwtVerifier, Policy, Principal, Resource};
 use rx_guard::audit::ResourceRef;
@@ -50,6 +50,7 @@ use tower_http::trace::TraceLayer;
 use tracing::Span;
 
 use crate::break_glass;
+use crate::clock::{parse_time, TIME_EXPECTED};
 use crate::error::StepError;
 use crate::flow::person_cx;
 use crate::login::LoginFailures;
@@ -529,6 +530,14 @@ pub fn query_param<T: std::str::FromStr>(
 ) -> Result<Option<T>, StepError> {
     value
         .map(|v| v.parse::<T>().map_err(|_| bad_parameter(name, expected)))
+        .transpose()
+}
+
+/// The value of the query parameter `name` as a time ([`crate::clock::parse_time`]); one that
+/// does not parse, or lies outside years 0000–9999, is a [`bad_parameter`].
+pub fn query_time(name: &str, value: Option<&str>) -> Result<Option<DateTime<Utc>>, StepError> {
+    value
+        .map(|v| parse_time(v).ok_or_else(|| bad_parameter(name, TIME_EXPECTED)))
         .transpose()
 }
 
