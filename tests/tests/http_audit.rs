@@ -209,6 +209,44 @@ async fn a_search_value_that_does_not_fit_is_a_400_naming_its_parameter() {
     s.stop().await;
 }
 
+/// A query value that is not UTF-8 once percent-decoded is a 400 naming its parameter, on every
+/// endpoint that reads a query: it was decoded with U+FFFD in place of the bytes and searched
+/// (200, an answer for a value nobody sent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_value_that_is_not_utf8_is_a_400_naming_its_parameter() {
+    let s = TestServer::start().await;
+    let a = auditor("auditor-utf8");
+    let rph = Who::pharmacist("rph-utf8");
+    for (who, path, name) in [
+        (&a, "/audit/events?patient=%FF", "patient"),
+        (&a, "/audit/events?user=%FE", "user"),
+        (&a, "/audit/events?user=ok&action=re%C3ad", "action"),
+        (&a, "/audit/disclosures?patient=Avery%E9", "patient"),
+        (&rph, "/queue?after=%FF", "after"),
+    ] {
+        let r = s.as_who(who, "GET", path, None).await;
+        r.assert_outcome(400);
+        assert_eq!(
+            r.json["issue"][0]["expression"][0], name,
+            "{path}: {}",
+            r.text
+        );
+        assert!(r.text.contains(&format!("`{name}`")), "{path}: {}", r.text);
+        assert!(r.text.contains("UTF-8"), "{path}: {}", r.text);
+        assert!(
+            !r.text.contains("Avery") && !r.text.contains('\u{FFFD}'),
+            "{path}: the value is echoed: {}",
+            r.text
+        );
+    }
+    // UTF-8 percent-encoded is searched as sent.
+    let r = s
+        .as_who(&a, "GET", "/audit/events?user=J%C3%BCrgen", None)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    s.stop().await;
+}
+
 /// A time outside years 0000–9999 (in UTC) is a 400 naming its parameter: the store orders times
 /// as fixed-width text, so a signed or five-digit year widened the search to every event or
 /// emptied it, and a `to` near chrono's limit panicked computing the default window (a 500).

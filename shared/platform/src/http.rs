@@ -458,7 +458,7 @@ where
     type Rejection = Response;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Response> {
-        axum::extract::Query::<T>::from_request_parts(parts, state)
+        let q = axum::extract::Query::<T>::from_request_parts(parts, state)
             .await
             .map(|axum::extract::Query(q)| FhirQuery(q))
             .map_err(|e| {
@@ -467,8 +467,68 @@ where
                     "invalid",
                     query_refusal(&e.body_text()),
                 )
-            })
+            })?;
+        // Checked once the names are known to be the endpoint's own (an unknown one was refused
+        // above without being echoed), so naming the parameter tells nothing the caller's
+        // endpoint does not.
+        match parts.uri.query().and_then(not_utf8) {
+            None => Ok(q),
+            Some(Some(name)) => Err(bad_parameter(
+                &name,
+                "is not UTF-8 text once percent-decoded: percent-encode the UTF-8 bytes of the value",
+            )
+            .into_response()),
+            Some(None) => Err(outcome(
+                StatusCode::BAD_REQUEST,
+                "invalid",
+                "a query parameter's name is not UTF-8 text once percent-decoded",
+            )),
+        }
     }
+}
+
+/// The first parameter of `query` whose name or value is not UTF-8 once percent-decoded, with
+/// its name when that is a plain one. The query extractor decodes such bytes lossily (U+FFFD in
+/// their place), and the endpoint would then search for, or page from, a value nobody sent.
+fn not_utf8(query: &str) -> Option<Option<String>> {
+    query.split('&').find_map(|pair| {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let name = String::from_utf8(percent_decoded(name)).ok();
+        if name.is_some() && std::str::from_utf8(&percent_decoded(value)).is_ok() {
+            return None;
+        }
+        Some(
+            name.filter(|n| {
+                !n.is_empty() && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            }),
+        )
+    })
+}
+
+/// `application/x-www-form-urlencoded` decoding as the query extractor does it (`+` is a space,
+/// `%XX` a byte, a `%` without two hex digits itself), to bytes.
+fn percent_decoded(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let hex = |i: usize| b.get(i).and_then(|&c| char::from(c).to_digit(16));
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match (b[i], hex(i + 1), hex(i + 2)) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (b'+', _, _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    out
 }
 
 /// What a query string that does not fit the endpoint's parameters gets told. A missing or
@@ -866,6 +926,24 @@ mod tests {
             text.contains("decision"),
             "names the fields it knows: {text}"
         );
+    }
+
+    #[test]
+    fn a_query_value_that_is_not_utf8_once_decoded_is_found_and_named() {
+        assert_eq!(not_utf8("patient=%FF"), Some(Some("patient".into())));
+        assert_eq!(not_utf8("from=x&user=a%FEb"), Some(Some("user".into())));
+        assert_eq!(not_utf8("%FF=1"), Some(None));
+        for fine in [
+            "patient=p-1",
+            "user=J%C3%BCrgen+M",
+            "a=100%",
+            "a=%zz",
+            "",
+            "a",
+        ] {
+            assert_eq!(not_utf8(fine), None, "{fine}");
+        }
+        assert_eq!(percent_decoded("a+b%2Bc%4"), b"a b+c%4");
     }
 
     fn app(limits: Limits) -> Router {
