@@ -8,6 +8,8 @@ use http_support::*;
 use rx_domain::Status;
 use rx_guard::access::Role;
 use rx_guard::audit::Action as AuditAction;
+use rx_platform::flow::load_rx;
+use rx_store::repo::AuditCtx;
 use serde_json::{json, Value};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -566,6 +568,112 @@ async fn whoever_wrote_an_order_cannot_verify_it() {
         )
         .await;
     assert_eq!(other.status, 200, "{}", other.text);
+    s.stop().await;
+}
+
+/// `n` pharmacists (`<prefix>-0`…) POST `body` to `path` at once; each one's subject, status and
+/// body.
+async fn at_once(
+    s: &TestServer,
+    prefix: &str,
+    n: usize,
+    path: &str,
+    body: &Value,
+) -> Vec<(String, u16, Value)> {
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let subject = format!("{prefix}-{i}");
+        let req = s
+            .client
+            .post(format!("{}{path}", s.base))
+            .bearer_auth(s.token(&Who::pharmacist(&subject)))
+            .header("content-type", "application/fhir+json")
+            .body(body.to_string());
+        set.spawn(async move {
+            let r = req.send().await.expect("request sent");
+            let status = r.status().as_u16();
+            let text = r.text().await.unwrap_or_default();
+            let v = serde_json::from_str::<Value>(&text).unwrap_or(Value::Null);
+            (subject, status, v)
+        });
+    }
+    let mut out = Vec::new();
+    while let Some(r) = set.join_next().await {
+        out.push(r.expect("task"));
+    }
+    out
+}
+
+/// Of 24 pharmacists approving one order at once, one verified it; the other 23 verified
+/// nothing and are told so (409), not answered 200 `duplicate: true` as if their request had.
+/// The pharmacist who did verify it may send it again (a redelivery); a late one gets 409 too.
+/// Dispense, likewise: of 8 pharmacists filling the whole order at once, one filled it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_pharmacists_deciding_an_order_at_once_only_the_one_who_did_is_told_so() {
+    let s = TestServer::start().await;
+    let id = s.queued("pat-race").await;
+    let path = format!("/prescriptions/{id}/verification");
+    let approve = json!({"decision": "approve"});
+    let answers = at_once(&s, "rph-race", 24, &path, &approve).await;
+    let won: Vec<_> = answers.iter().filter(|(_, st, _)| *st == 200).collect();
+    assert_eq!(won.len(), 1, "{answers:?}");
+    assert_eq!(won[0].2["duplicate"], false, "{answers:?}");
+    for (who, status, v) in &answers {
+        if *status != 200 {
+            assert_eq!(*status, 409, "{who}: {v}");
+            assert_eq!(v["resourceType"], "OperationOutcome", "{who}: {v}");
+            assert_eq!(v["issue"][0]["code"], "conflict", "{who}: {v}");
+            assert!(
+                !v.to_string().contains(&won[0].0),
+                "names the verifier: {v}"
+            );
+        }
+    }
+    let winner = Who::pharmacist(&won[0].0);
+    let again = s.as_who(&winner, "POST", &path, Some(&approve)).await;
+    assert_eq!(again.status, 200, "{}", again.text);
+    assert_eq!(again.json["duplicate"], true, "{}", again.text);
+    let late = s
+        .as_who(&Who::pharmacist("rph-late"), "POST", &path, Some(&approve))
+        .await;
+    late.assert_outcome(409);
+    assert!(
+        late.text.contains("already verified by another pharmacist"),
+        "{}",
+        late.text
+    );
+    let verifications = s
+        .svc
+        .vault
+        .store
+        .transitions(TENANT, &id)
+        .await
+        .expect("transitions")
+        .into_iter()
+        .filter(|t| t.to == Status::Verified.as_str())
+        .count();
+    assert_eq!(verifications, 1);
+
+    let answers = at_once(
+        &s,
+        "rph-fill",
+        8,
+        &format!("/prescriptions/{id}/dispenses"),
+        &json!({}),
+    )
+    .await;
+    let filled = answers.iter().filter(|(_, st, _)| *st == 201).count();
+    assert_eq!(filled, 1, "{answers:?}");
+    for (who, status, v) in &answers {
+        if *status != 201 {
+            assert!(matches!(status, 409 | 422), "{who}: {status} {v}");
+            assert_eq!(v["resourceType"], "OperationOutcome", "{who}: {v}");
+        }
+    }
+    let stored = load_rx(&s.svc, &AuditCtx::system("test", TENANT), TENANT, &id)
+        .await
+        .expect("stored");
+    assert_eq!(stored.record.fills.len(), 1);
     s.stop().await;
 }
 

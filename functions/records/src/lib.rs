@@ -136,8 +136,9 @@ pub async fn list_for_patient(
 
 /// Cancel an order that has not been dispensed in full. Answers
 /// `{"rxId", "status", "version", "duplicate", "events": [PipelineEvent…], "medicationRequest"}`;
-/// the `events` (one `prescription.cancelled`) are for the runtime to publish. Cancelling an
-/// order already cancelled writes nothing and re-announces it (`duplicate: true`).
+/// the `events` (one `prescription.cancelled`) are for the runtime to publish. Cancelling again
+/// an order one cancelled oneself writes nothing and re-announces it (`duplicate: true`); an
+/// order someone else cancelled is a conflict.
 pub async fn cancel(
     svc: &Services,
     p: &Principal,
@@ -156,6 +157,22 @@ pub async fn cancel(
     .await?;
     let view = Policy::embedded().view(p.role);
     if rx.status == Status::Cancelled {
+        // A redelivery only for whoever cancelled it: anyone else cancelled nothing.
+        let cancelled_by = svc
+            .vault
+            .store
+            .transitions(rx.tenant(), rx.id())
+            .await?
+            .into_iter()
+            .rev()
+            .find(|t| t.to == Status::Cancelled.as_str())
+            .map(|t| t.actor);
+        if cancelled_by.as_deref() != Some(p.subject.as_str()) {
+            return Err(StepError::Conflict(format!(
+                "prescription {} was already cancelled by someone else; nothing was recorded for this request",
+                rx.id()
+            )));
+        }
         let events = redeliver(&rx, &[Status::Cancelled]);
         return Ok(cancelled(
             &rx,

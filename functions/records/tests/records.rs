@@ -260,6 +260,24 @@ async fn prescriber_cancels_their_order_once() {
     assert_eq!(again["duplicate"], true);
     assert_eq!(again["version"], out["version"]);
     assert_eq!(transitions(&d, &rx).await, trail);
+
+    // Anyone else cancelled nothing: a conflict, not a redelivery.
+    let err = cancel(
+        &d.svc,
+        &pharmacist("rph-1", false),
+        None,
+        &rx,
+        "entered twice",
+    )
+    .await
+    .expect_err("cancelled by someone else");
+    assert!(matches!(err, StepError::Conflict(_)), "{err:?}");
+    assert!(
+        err.to_string()
+            .contains("already cancelled by someone else"),
+        "{err}"
+    );
+    assert_eq!(transitions(&d, &rx).await, trail);
 }
 
 #[tokio::test]

@@ -1,8 +1,9 @@
 //! verify (`POST /prescriptions/{id}/verification`): a pharmacist approves an order that review
 //! queued, overriding each blocking DUR alert with a reason, or rejects it with a reason.
 //!
-//! Redelivery: the same decision on an order already decided that way answers with the current
-//! state and writes nothing.
+//! Redelivery: the same decision by the same pharmacist on an order they already decided that way
+//! answers with the current state and writes nothing. Another pharmacist's decision on it is a
+//! conflict: they decided nothing, and must not be told the order is verified by their request.
 
 use std::collections::BTreeSet;
 
@@ -45,7 +46,8 @@ pub struct VerifyOutput {
     pub status: Status,
     pub version: u64,
     pub events: Vec<PipelineEvent>,
-    /// True when the order had already been decided this way: nothing new was written.
+    /// True when this pharmacist had already decided the order this way (a redelivery): nothing
+    /// new was written.
     pub duplicate: bool,
 }
 
@@ -67,7 +69,7 @@ pub async fn handle(
     )
     .await?;
     if rx.status != Status::AwaitingVerification {
-        return already_decided(&rx, req.decision);
+        return already_decided(&rx, &p.subject, req.decision);
     }
     let reason = req
         .reason
@@ -119,18 +121,25 @@ pub async fn handle(
     })
 }
 
-/// An order no longer awaiting verification: the same decision again is a redelivery, anything
-/// else a conflict naming the status it is in.
-fn already_decided(rx: &Rx, decision: Decision) -> Result<VerifyOutput, StepError> {
+/// An order no longer awaiting verification: the same decision again by the pharmacist who made
+/// it is a redelivery; the same decision by another pharmacist (who lost a race, or came late) is
+/// a conflict saying it was already decided, without naming by whom; anything else a conflict
+/// naming the status it is in.
+fn already_decided(rx: &Rx, subject: &str, decision: Decision) -> Result<VerifyOutput, StepError> {
     let approved = decision == Decision::Approve;
     match &rx.record.verification {
-        Some(v) if v.approved == approved => Ok(VerifyOutput {
+        Some(v) if v.approved == approved && v.pharmacist == subject => Ok(VerifyOutput {
             rx_id: rx.id().to_string(),
             status: rx.status,
             version: rx.row.version,
             events: redeliver(rx, &[Status::Verified, Status::Rejected]),
             duplicate: true,
         }),
+        Some(v) if v.approved == approved => Err(StepError::Conflict(format!(
+            "prescription {} was already {} by another pharmacist; nothing was recorded for this request",
+            rx.id(),
+            if approved { "verified" } else { "rejected" },
+        ))),
         _ => Err(StepError::Conflict(format!(
             "prescription {} is {}; only an order awaiting verification can be verified or rejected",
             rx.id(),

@@ -272,7 +272,7 @@ async fn the_same_decision_again_is_answered_without_a_new_write() {
         .expect("approved");
     let trail = transitions(&d, &rx).await;
 
-    let again = handle(&d.svc, &pharmacist("rph-2", false), None, &rx, &approve())
+    let again = handle(&d.svc, &pharmacist("rph-1", false), None, &rx, &approve())
         .await
         .expect("redelivery");
 
@@ -284,12 +284,56 @@ async fn the_same_decision_again_is_answered_without_a_new_write() {
         "the verified event is announced again"
     );
     assert_eq!(transitions(&d, &rx).await, trail);
+    assert_eq!(
+        audit(&d, Some("rph-1"), Some(Action::Update), None)
+            .await
+            .len(),
+        1,
+        "the redelivery wrote nothing"
+    );
+}
+
+/// Another pharmacist's approval of an order already approved verified nothing: a conflict, not
+/// a redelivery telling them the order is verified by their request.
+#[tokio::test]
+async fn the_same_decision_by_another_pharmacist_conflicts_and_writes_nothing() {
+    let d = open();
+    let rx = queued(&d, &Order::lisinopril()).await;
+    handle(&d.svc, &pharmacist("rph-1", false), None, &rx, &approve())
+        .await
+        .expect("approved");
+    let trail = transitions(&d, &rx).await;
+
+    let err = handle(&d.svc, &pharmacist("rph-2", false), None, &rx, &approve())
+        .await
+        .expect_err("verified by someone else");
+
+    assert!(matches!(err, StepError::Conflict(_)), "{err:?}");
+    let m = err.to_string();
+    assert!(m.contains("already verified by another pharmacist"), "{m}");
+    assert!(!m.contains("rph-1"), "the verifier is not named: {m}");
+    assert_eq!(transitions(&d, &rx).await, trail);
     assert!(audit(&d, Some("rph-2"), Some(Action::Update), None)
         .await
         .is_empty());
     assert_eq!(
         stored(&d, &rx).await.verification.expect("v").pharmacist,
         "rph-1"
+    );
+
+    // The same for a rejection.
+    let rx = queued(&d, &Order::lisinopril()).await;
+    let reject = request(json!({"decision": "reject", "reason": "duplicate therapy"}));
+    handle(&d.svc, &pharmacist("rph-1", false), None, &rx, &reject)
+        .await
+        .expect("rejected");
+    let err = handle(&d.svc, &pharmacist("rph-2", false), None, &rx, &reject)
+        .await
+        .expect_err("rejected by someone else");
+    assert!(
+        err.to_string()
+            .contains("already rejected by another pharmacist"),
+        "{err}"
     );
 }
 
