@@ -364,6 +364,170 @@ async fn a_resubmitted_allergy_replaces_the_one_on_file() {
     s.stop().await;
 }
 
+fn allergy_entry(id: &str, patient: &str, substance: &str, status: &str) -> Value {
+    json!({"resource": {
+        "resourceType": "AllergyIntolerance", "id": id,
+        "clinicalStatus": {"coding": [{
+            "system": "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical",
+            "code": status}]},
+        "code": {"text": substance},
+        "patient": {"reference": format!("Patient/{patient}")}
+    }})
+}
+
+fn entries(b: &mut Value) -> &mut Vec<Value> {
+    b["entry"].as_array_mut().expect("entries")
+}
+
+/// The writes `subject` made to Patient records since the trail had `since` of their events.
+async fn patient_writes(s: &TestServer, subject: &str, since: usize) -> usize {
+    s.events_of(subject).await[since..]
+        .iter()
+        .filter(|e| {
+            e.resource.kind == "Patient"
+                && matches!(e.action, AuditAction::Create | AuditAction::Update)
+        })
+        .count()
+}
+
+/// A Bundle carries the records of the orders it sends, no other: a prescriber who sends another
+/// prescriber's patient (new details, the allergy marked resolved) beside an order of their own
+/// for someone else is refused, and the patient's file stays as it was (before, the allergy
+/// alert was gone from the patient's next order and the new name was on file).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bundle_cannot_carry_a_patient_or_allergy_its_orders_do_not_name() {
+    let s = TestServer::start().await;
+    let pump = Who::prescriber("dr-pump", DR_PUMP);
+    let mut b = lisinopril("pat-victim", DR_PUMP);
+    entries(&mut b).insert(
+        2,
+        allergy_entry("alg-v", "pat-victim", "lisinopril", "active"),
+    );
+    let first = s.submit(&pump, &b).await;
+    s.wait_for(TENANT, &first, Status::AwaitingVerification)
+        .await;
+
+    let smith = Who::prescriber("dr-smith", DR_SMITH);
+    let before = s.events_of("dr-smith").await.len();
+    let mut victim = b["entry"][0].clone();
+    victim["resource"]["name"] = json!([{"given": ["Malvolio"], "family": "Spoofington"}]);
+    let attempts = [
+        // the other patient's Patient and allergy beside smith's own order
+        vec![
+            victim.clone(),
+            allergy_entry("alg-v", "pat-victim", "lisinopril", "resolved"),
+        ],
+        // the allergy alone
+        vec![allergy_entry(
+            "alg-v",
+            "pat-victim",
+            "lisinopril",
+            "resolved",
+        )],
+        // the Patient alone
+        vec![victim],
+    ];
+    for extra in attempts {
+        let mut own = lisinopril("pat-smiths", DR_SMITH);
+        entries(&mut own).remove(0);
+        entries(&mut own).extend(extra);
+        let r = s.as_who(&smith, "POST", "/prescriptions", Some(&own)).await;
+        r.assert_outcome(400);
+        assert!(r.text.contains("orders it sends"), "{}", r.text);
+    }
+    assert_eq!(patient_writes(&s, "dr-smith", before).await, 0);
+
+    let next = s.submit(&pump, &lisinopril("pat-victim", DR_PUMP)).await;
+    s.wait_for(TENANT, &next, Status::AwaitingVerification)
+        .await;
+    let kinds = queue_alert_kinds(&s, &next).await;
+    assert!(kinds.iter().any(|k| k == "allergy"), "{kinds:?}");
+    let read = s
+        .as_who(
+            &Who::pharmacist("rph-v"),
+            "GET",
+            &format!("/prescriptions/{next}"),
+            None,
+        )
+        .await;
+    assert!(!read.text.contains("Spoofington"), "{}", read.text);
+    s.stop().await;
+}
+
+/// Nor a Practitioner that none of its orders names as requester (a prescriber could otherwise
+/// rewrite another prescriber's NPI and DEA record).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bundle_cannot_carry_a_practitioner_its_orders_do_not_name() {
+    let s = TestServer::start().await;
+    let pump = Who::prescriber("dr-pump", DR_PUMP);
+    let mut b = lisinopril("pat-pr", DR_PUMP);
+    let smiths = lisinopril("pat-pr", DR_SMITH)["entry"][1].clone();
+    entries(&mut b).push(smiths);
+    let r = s.as_who(&pump, "POST", "/prescriptions", Some(&b)).await;
+    r.assert_outcome(400);
+    assert!(r.text.contains("Practitioner"), "{}", r.text);
+    s.stop().await;
+}
+
+/// A submission that is refused leaves nothing behind: not its Patient's new details, not the
+/// orders before the refused one (a transaction Bundle is all or nothing for what intake
+/// checks). Before, the Patient was rewritten and the first order stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_submission_writes_nothing() {
+    let s = TestServer::start().await;
+    let pump = Who::prescriber("dr-pump", DR_PUMP);
+    let mut b = lisinopril("pat-atomic", DR_PUMP);
+    b["type"] = json!("transaction");
+    let mut bad = b["entry"][2].clone();
+    bad["resource"]["id"] = json!("mr-zero-qty");
+    bad["resource"]["dispenseRequest"]["quantity"]["value"] = json!(0);
+    entries(&mut b).push(bad);
+    let before = s.events_of("dr-pump").await.len();
+    let r = s.as_who(&pump, "POST", "/prescriptions", Some(&b)).await;
+    r.assert_outcome(400);
+    let rph = Who::pharmacist("rph-atomic");
+    let list = s
+        .as_who(&rph, "GET", "/patients/pat-atomic/prescriptions", None)
+        .await;
+    assert_eq!(list.json["total"], 0, "{}", list.text);
+    assert_eq!(patient_writes(&s, "dr-pump", before).await, 0);
+
+    // An order id reused with other content (409): the Bundle's new patient details are not
+    // applied either.
+    let mut ok = lisinopril("pat-atomic", DR_PUMP);
+    let id = s.submit(&pump, &ok).await;
+    s.wait_for(TENANT, &id, Status::AwaitingVerification).await;
+    let before = s.events_of("dr-pump").await.len();
+    ok["entry"][0]["resource"]["address"][0]["line"] = json!(["9 Elsewhere Road"]);
+    ok["entry"][2]["resource"]["dispenseRequest"]["quantity"]["value"] = json!(60);
+    let r = s.as_who(&pump, "POST", "/prescriptions", Some(&ok)).await;
+    r.assert_outcome(409);
+    assert_eq!(patient_writes(&s, "dr-pump", before).await, 0);
+    s.stop().await;
+}
+
+/// A submission carries at most rx_fn_intake::MAX_ENTRIES entries: a Bundle of thousands of
+/// allergies (each rewrites the patient's file) is refused before any is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bundle_with_too_many_entries_is_refused_before_anything_is_written() {
+    let s = TestServer::start().await;
+    let pump = Who::prescriber("dr-pump", DR_PUMP);
+    let mut b = lisinopril("pat-many", DR_PUMP);
+    for i in 0..rx_fn_intake::MAX_ENTRIES {
+        entries(&mut b).push(allergy_entry(
+            &format!("alg-{i}"),
+            "pat-many",
+            "dust",
+            "active",
+        ));
+    }
+    let r = s.as_who(&pump, "POST", "/prescriptions", Some(&b)).await;
+    r.assert_outcome(400);
+    assert_eq!(r.json["issue"][0]["code"], "too-costly", "{}", r.text);
+    assert!(s.events_of("dr-pump").await.is_empty());
+    s.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_tenant_sees_nothing_and_each_attempt_is_audited() {
     let s = TestServer::start().await;

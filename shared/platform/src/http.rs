@@ -707,7 +707,8 @@ fn code_for(status: StatusCode) -> (&'static str, &'static str) {
         ),
         408 | 504 => (
             "timeout",
-            "the request took too long and was stopped; nothing may have been changed, retry later",
+            "the request took too long to answer and may still complete; read what it was to change \
+             before trying again (a resubmitted order is recognised as the same one)",
         ),
         409 => ("conflict", "the request conflicts with the current state"),
         413 => (
