@@ -755,10 +755,23 @@ async fn outcome_for_bare_errors(req: Request, next: Next) -> Response {
     Response::from_parts(parts, body)
 }
 
+/// A request's place among the `max_in_flight`: held by [`shed_load`] until the answer and by
+/// [`off_the_reactor`] until the handler ends, whichever is later. A handler still running after
+/// its 504 (it is on the blocking pool; the timeout cannot stop it) keeps its place, so work the
+/// clients have given up on still counts against the limit.
+#[derive(Clone)]
+struct Slot(#[allow(dead_code)] Arc<tokio::sync::OwnedSemaphorePermit>);
+
 /// Fail fast under overload: past `max_in_flight` requests in progress, answer 503.
-async fn shed_load(State(slots): State<Arc<Semaphore>>, req: Request, next: Next) -> Response {
-    match slots.try_acquire() {
-        Ok(_slot) => next.run(req).await,
+async fn shed_load(State(slots): State<Arc<Semaphore>>, mut req: Request, next: Next) -> Response {
+    match slots.try_acquire_owned() {
+        Ok(permit) => {
+            let slot = Slot(Arc::new(permit));
+            req.extensions_mut().insert(slot.clone());
+            let res = next.run(req).await;
+            drop(slot);
+            res
+        }
         Err(_) => {
             let mut res = outcome(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -812,7 +825,14 @@ async fn off_the_reactor(req: Request, next: Next) -> Response {
     let rt = tokio::runtime::Handle::current();
     // Keep the request's span (route, request id) on what the handler logs.
     let span = Span::current();
-    match tokio::task::spawn_blocking(move || rt.block_on(next.run(req).instrument(span))).await {
+    let slot = req.extensions().get::<Slot>().cloned();
+    match tokio::task::spawn_blocking(move || {
+        let res = rt.block_on(next.run(req).instrument(span));
+        drop(slot);
+        res
+    })
+    .await
+    {
         Ok(res) => res,
         Err(_) => {
             tracing::error!("a request task failed");
@@ -1023,6 +1043,34 @@ mod tests {
         assert_eq!(h[header::RETRY_AFTER], "1");
         let (status, _, _) = slow.await.expect("slow request");
         assert_eq!(status, StatusCode::OK);
+    }
+
+    /// A handler still running after its 504 keeps its place among the `max_in_flight`: the
+    /// limit bounds the work in progress, not only the answers still owed (before, the place
+    /// was free at the 504 and abandoned work piled up without bound).
+    #[tokio::test]
+    async fn a_handler_running_on_after_its_504_keeps_its_slot() {
+        let limits = Limits {
+            max_in_flight: 1,
+            request_timeout: Duration::from_millis(20),
+            ..Limits::default()
+        };
+        let app = app(limits);
+        let (status, _, _) = call(app.clone(), get_req("/slow")).await;
+        assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+        let (status, _, _) = call(app.clone(), get_req("/refused")).await;
+        assert_eq!(
+            status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the slow handler still runs"
+        );
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let (status, _, _) = call(app, get_req("/refused")).await;
+        assert_eq!(
+            status,
+            StatusCode::FORBIDDEN,
+            "its slot is free once it ended"
+        );
     }
 
     #[tokio::test]
