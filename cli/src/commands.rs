@@ -113,14 +113,14 @@ pub async fn run(input: &Path, replay: bool, opts: RunOptions) -> Result<Ended, 
     } else {
         TimeMode::Now
     };
+    let started = Instant::now();
+    // First pass: index the export (a missing folder stops here, before a data directory is
+    // made); bad lines are kept (sealed) once the scan is done.
+    let mut bad_lines = Vec::new();
+    let export = Export::scan(input, |b| bad_lines.push(b))?;
     let mut p = Pipeline::open(&opts.config, time, "run", opts.verify_as.as_deref())?;
     let mut report = Report::new(opts.json, opts.config.data_dir.display().to_string());
     report.audit_events_written = audit_len(&p).await?;
-    let started = Instant::now();
-
-    // First pass: index the export; bad lines are kept (sealed) once the scan is done.
-    let mut bad_lines = Vec::new();
-    let export = Export::scan(input, |b| bad_lines.push(b))?;
     p.tick_batch()?;
     for b in &bad_lines {
         quarantine(&p, b, &mut report).await?;
@@ -224,6 +224,8 @@ pub async fn demo(seed: u64, orders: usize, opts: RunOptions) -> Result<Ended, C
         opts.verify_as.as_deref(),
     )?;
     let mut report = Report::new(opts.json, opts.config.data_dir.display().to_string());
+    // What the directory held before, so the report counts this run's events alone.
+    report.audit_events_written = audit_len(&p).await?;
     let cfg = cohort_config(seed, orders);
     let cohort = synth::cohort(&cfg);
     if !opts.json {

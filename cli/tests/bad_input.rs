@@ -130,6 +130,10 @@ fn a_missing_input_folder_is_a_clear_error() {
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
     assert!(err.contains("nowhere") && err.contains("--input"), "{err}");
+    assert!(
+        !tmp.path().join("d").exists(),
+        "no data directory is made for a run that cannot start"
+    );
 }
 
 #[test]

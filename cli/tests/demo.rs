@@ -133,6 +133,21 @@ fn demo_gives_every_planned_case_the_outcome_of_its_rule() {
     assert!(text(&v.stdout).contains("intact"));
 }
 
+/// A second demo into the same directory counts the events it wrote, not the directory's.
+#[test]
+fn a_second_demo_counts_its_own_audit_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = demo(dir.path());
+    let second = demo(dir.path());
+    assert_eq!(first["audit_events_written"], first["audit_events"]);
+    let (written, total) = (
+        second["audit_events_written"].as_u64().unwrap(),
+        second["audit_events"].as_u64().unwrap(),
+    );
+    assert_eq!(total - written, first["audit_events"].as_u64().unwrap());
+    assert!(written > 0 && written < total, "{written} of {total}");
+}
+
 #[test]
 fn the_same_seed_gives_the_same_outcomes() {
     let tmp = tempfile::tempdir().unwrap();
