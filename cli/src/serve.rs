@@ -829,6 +829,9 @@ struct AuditParams {
     action: Option<String>,
     #[serde(default)]
     limit: Option<String>,
+    /// The `seq` of the last event of the page before (the Bundle's `next` link sets it).
+    #[serde(default)]
+    after: Option<String>,
 }
 
 /// An audit search as asked, every value checked: one that does not fit is a 400 naming its
@@ -839,6 +842,7 @@ struct AuditSearch {
     action: Option<rx_guard::audit::Action>,
     from: chrono::DateTime<Utc>,
     to: Option<chrono::DateTime<Utc>>,
+    after: Option<u64>,
     limit: usize,
 }
 
@@ -867,6 +871,12 @@ impl AuditSearch {
             ),
         };
         let asked = rxhttp::query_param("limit", q.limit.as_deref(), rxhttp::LIMIT_EXPECTED)?;
+        let after = rxhttp::query_param(
+            "after",
+            q.after.as_deref(),
+            "must be the position (seq) of an event: the page before's last, as its next link \
+             gives it",
+        )?;
         // Without `from`: the 24 hours before `to`, or before now if that is earlier (a `to`
         // further back than a day would otherwise leave an empty window), never before the
         // earliest time a search may name.
@@ -882,6 +892,7 @@ impl AuditSearch {
             action,
             from,
             to,
+            after,
             limit: rxhttp::page_limit(asked, AUDIT_DEFAULT_LIMIT, AUDIT_MAX_LIMIT),
         })
     }
@@ -893,6 +904,7 @@ async fn audit_events(
     State(st): State<ServeState>,
     caller: Caller,
     FhirQuery(q): FhirQuery<AuditParams>,
+    axum::extract::RawQuery(raw): axum::extract::RawQuery,
 ) -> Answer {
     let svc = &st.app.svc;
     let q = AuditSearch::of(q, Utc::now())?;
@@ -916,6 +928,7 @@ async fn audit_events(
         action: q.action,
         from: Some(q.from),
         to: q.to,
+        after_seq: q.after,
         ..Default::default()
     };
     let found = rx_fn_audit::search(svc.vault.store.as_ref(), &query)
@@ -924,8 +937,9 @@ async fn audit_events(
     let tenant = &caller.principal.tenant;
     let mine = found.iter().filter(|e| &e.event.actor.tenant == tenant);
     let total = mine.clone().count();
-    let entries: Vec<Value> = mine
-        .take(limit)
+    let page: Vec<_> = mine.take(limit).collect();
+    let entries: Vec<Value> = page
+        .iter()
         .map(|e| {
             json!({
                 "fullUrl": format!("urn:uuid:{}", e.event.id),
@@ -934,10 +948,30 @@ async fn audit_events(
             })
         })
         .collect();
-    Ok(rxhttp::fhir(
-        StatusCode::OK,
-        &json!({"resourceType": "Bundle", "type": "searchset", "total": total, "entry": entries}),
-    ))
+    let mut bundle =
+        json!({"resourceType": "Bundle", "type": "searchset", "total": total, "entry": entries});
+    // More match than the page holds: the next page starts after its last event (events of one
+    // millisecond may be many, so a time cannot say where a page ended).
+    if let (Some(last), true) = (page.last(), total > page.len()) {
+        bundle["link"] = json!([{
+            "relation": "next",
+            "url": format!("/audit/events?{}", with_after(raw.as_deref(), last.seq)),
+        }]);
+    }
+    Ok(rxhttp::fhir(StatusCode::OK, &bundle))
+}
+
+/// The query string `raw` (as the caller sent it, still percent-encoded) with `after` set to
+/// `seq` in place of any it had.
+fn with_after(raw: Option<&str>, seq: u64) -> String {
+    let mut parts: Vec<&str> = raw
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty() && *p != "after" && !p.starts_with("after="))
+        .collect();
+    let after = format!("after={seq}");
+    parts.push(&after);
+    parts.join("&")
 }
 
 #[derive(Debug, Deserialize)]

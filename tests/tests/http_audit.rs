@@ -452,3 +452,73 @@ async fn break_glass_sessions_are_listed_for_review_with_what_they_touched() {
         .any(|e| e.detail.as_deref() == Some("break-glass-alert")));
     s.stop().await;
 }
+
+/// Events of one millisecond can be more than a page holds (one queue read writes dozens): a
+/// full page's `next` link starts the next page after its last event, so following the links
+/// reads every match once, in trail order. (Paging by `from`, as the README said before, stuck
+/// on such a millisecond for ever.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn next_links_page_through_events_of_one_millisecond() {
+    use rx_guard::audit::{Actor, AuditEvent, Outcome, Purpose, ResourceRef};
+    let s = TestServer::start().await;
+    let at = chrono::Utc::now() - chrono::Duration::minutes(5);
+    let events: Vec<AuditEvent> = (0..25)
+        .map(|_| {
+            let mut e = AuditEvent::new(
+                Actor {
+                    subject: "rph-crowd".into(),
+                    role: "pharmacist".into(),
+                    tenant: TENANT.into(),
+                },
+                AuditAction::Read,
+                ResourceRef {
+                    kind: "MedicationRequest".into(),
+                    id: uuid::Uuid::now_v7().to_string(),
+                },
+                "records",
+                Purpose::Treatment,
+            );
+            e.at = at;
+            e.outcome = Outcome::Success;
+            e
+        })
+        .collect();
+    s.svc.vault.audit(&events).await.expect("events");
+    let au = auditor("auditor-pages");
+    let mut path = "/audit/events?user=rph-crowd&limit=10".to_string();
+    let mut seen = Vec::new();
+    let mut pages = 0;
+    loop {
+        let r = s.as_who(&au, "GET", &path, None).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        pages += 1;
+        for e in r.json["entry"].as_array().expect("entries") {
+            seen.push(e["fullUrl"].as_str().expect("fullUrl").to_string());
+        }
+        match r.json["link"][0]["url"].as_str() {
+            Some(next) => {
+                assert_eq!(r.json["link"][0]["relation"], "next");
+                assert!(
+                    next.contains("user=rph-crowd") && next.contains("limit=10"),
+                    "{next}"
+                );
+                path = next.to_string();
+            }
+            None => break,
+        }
+        assert!(pages < 10, "the pages never end: {path}");
+    }
+    assert_eq!(pages, 3);
+    let want: Vec<String> = events
+        .iter()
+        .map(|e| format!("urn:uuid:{}", e.id))
+        .collect();
+    assert_eq!(seen, want, "every event once, in trail order");
+
+    let bad = s
+        .as_who(&au, "GET", "/audit/events?user=rph-crowd&after=last", None)
+        .await;
+    bad.assert_outcome(400);
+    assert!(bad.text.contains("after"), "{}", bad.text);
+    s.stop().await;
+}

@@ -234,14 +234,14 @@ fn fhir_python() -> Option<PathBuf> {
         ),
         Ok(_) => {
             println!(
-                "SKIPPED: {} has no fhir.resources (python3 -m venv .venv-tools && .venv-tools/bin/pip install fhir.resources)",
+                "SKIPPED: {} has no fhir.resources (python3 -m venv ~/.cache/rxflow-venv && ~/.cache/rxflow-venv/bin/pip install fhir.resources cryptography, then set RXFLOW_PY=~/.cache/rxflow-venv/bin/python)",
                 py.display()
             );
             None
         }
         Err(e) => {
             println!(
-                "SKIPPED: no Python at {} ({e}); set RXFLOW_PY or create .venv-tools",
+                "SKIPPED: no Python at {} ({e}); set RXFLOW_PY to a Python with fhir.resources (see the README)",
                 py.display()
             );
             None

@@ -193,6 +193,8 @@ pub struct AuditQuery {
     pub from: Option<DateTime<Utc>>,
     pub to: Option<DateTime<Utc>>,
     pub break_glass_only: bool,
+    /// Only events after this position of the trail (a page's last `seq`: the next page).
+    pub after_seq: Option<u64>,
     pub limit: usize,
 }
 

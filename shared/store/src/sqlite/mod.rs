@@ -1043,6 +1043,10 @@ impl RecordStore for SqliteStore {
         if query.break_glass_only {
             sql.push_str(" AND break_glass = 1");
         }
+        if let Some(after) = query.after_seq {
+            sql.push_str(" AND seq > ?");
+            args.push(Value::Integer(i64::try_from(after).unwrap_or(i64::MAX)));
+        }
         sql.push_str(" ORDER BY seq");
         if query.limit > 0 {
             sql.push_str(" LIMIT ?");
