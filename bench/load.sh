@@ -166,6 +166,6 @@ echo "== rxflow intake load ($RATE requests/s target, ${DURATION}s) =="
 printf 'requests/s      %s  (%s requests, %s non-2xx, %s socket errors)\n' "$(get rps)" "$(get requests)" "$(get non2xx)" "$(get socket_errors)"
 printf 'latency p50     %s ms\n' "$(get p50_ms)"
 printf 'latency p99     %s ms   (target <= 10 ms; max %s ms)\n' "$(get p99_ms)" "$(get max_ms)"
-printf 'peak RSS        %s MB  (VmHWM; target <= 64 MB; RSS at end %s MB)\n' "$((HWM_KB / 1024))" "$((RSS_KB / 1024))"
+printf 'peak RSS        %s MiB  (VmHWM; target <= 64 MB; RSS at end %s MiB)\n' "$((HWM_KB / 1024))" "$((RSS_KB / 1024))"
 printf 'drain on TERM   %.1f s (pipeline finishing accepted orders, then the audit seal at stop)\n' "$(echo "$T1 - $T0" | bc 2>/dev/null || echo 0)"
 grep -c '"pipeline step refused' "$WORK/server.log" 2>/dev/null | xargs printf 'pipeline refusals in log: %s\n' || true
