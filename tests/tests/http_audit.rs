@@ -302,14 +302,16 @@ async fn a_time_outside_years_0000_to_9999_is_a_400_naming_its_parameter() {
 /// `to` without `from` searches the 24 hours before `to`: an event older than a day is found
 /// by a `to` just after it (the window used to end before it began, so such a search was
 /// always empty).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn to_without_from_searches_the_day_before_to() {
+/// A successful read of a new prescription by pharmacist `subject` at `at` (appended straight
+/// to the trail, to search for).
+fn pharmacist_read(
+    subject: &str,
+    at: chrono::DateTime<chrono::Utc>,
+) -> rx_guard::audit::AuditEvent {
     use rx_guard::audit::{Actor, AuditEvent, Outcome, Purpose, ResourceRef};
-    let s = TestServer::start().await;
-    let at = chrono::Utc::now() - chrono::Duration::hours(60);
-    let mut old = AuditEvent::new(
+    let mut e = AuditEvent::new(
         Actor {
-            subject: "rph-long-ago".into(),
+            subject: subject.into(),
             role: "pharmacist".into(),
             tenant: TENANT.into(),
         },
@@ -321,8 +323,16 @@ async fn to_without_from_searches_the_day_before_to() {
         "records",
         Purpose::Treatment,
     );
-    old.at = at;
-    old.outcome = Outcome::Success;
+    e.at = at;
+    e.outcome = Outcome::Success;
+    e
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn to_without_from_searches_the_day_before_to() {
+    let s = TestServer::start().await;
+    let at = chrono::Utc::now() - chrono::Duration::hours(60);
+    let old = pharmacist_read("rph-long-ago", at);
     s.svc.vault.audit(&[old]).await.expect("an old event");
     let to = urlencode(&(at + chrono::Duration::hours(1)).to_rfc3339());
     let r = s
@@ -459,30 +469,9 @@ async fn break_glass_sessions_are_listed_for_review_with_what_they_touched() {
 /// on such a millisecond for ever.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn next_links_page_through_events_of_one_millisecond() {
-    use rx_guard::audit::{Actor, AuditEvent, Outcome, Purpose, ResourceRef};
     let s = TestServer::start().await;
     let at = chrono::Utc::now() - chrono::Duration::minutes(5);
-    let events: Vec<AuditEvent> = (0..25)
-        .map(|_| {
-            let mut e = AuditEvent::new(
-                Actor {
-                    subject: "rph-crowd".into(),
-                    role: "pharmacist".into(),
-                    tenant: TENANT.into(),
-                },
-                AuditAction::Read,
-                ResourceRef {
-                    kind: "MedicationRequest".into(),
-                    id: uuid::Uuid::now_v7().to_string(),
-                },
-                "records",
-                Purpose::Treatment,
-            );
-            e.at = at;
-            e.outcome = Outcome::Success;
-            e
-        })
-        .collect();
+    let events: Vec<_> = (0..25).map(|_| pharmacist_read("rph-crowd", at)).collect();
     s.svc.vault.audit(&events).await.expect("events");
     let au = auditor("auditor-pages");
     let mut path = "/audit/events?user=rph-crowd&limit=10".to_string();
