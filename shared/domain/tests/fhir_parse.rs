@@ -443,3 +443,27 @@ fn allergy_without_substance_or_patient_is_refused() {
         "AllergyIntolerance.patient"
     );
 }
+
+/// PractitionerRoles that point at each other (a cycle, through `urn:uuid:` references) resolve
+/// to no prescriber; they used to be followed until the stack overflowed, which aborted a server
+/// on a 1.7 KB Bundle.
+#[test]
+fn practitioner_roles_pointing_at_roles_resolve_to_nothing() {
+    let b = json!({"resourceType": "Bundle", "type": "collection", "entry": [
+        {"fullUrl": "urn:uuid:role-a", "resource": {"resourceType": "PractitionerRole",
+            "practitioner": {"reference": "urn:uuid:role-b"}}},
+        {"fullUrl": "urn:uuid:role-b", "resource": {"resourceType": "PractitionerRole",
+            "practitioner": {"reference": "urn:uuid:role-a"}}},
+        {"resource": {"resourceType": "MedicationRequest", "id": "o1", "status": "active",
+            "intent": "order", "medicationCodeableConcept": {"text": "something"},
+            "subject": {"reference": "Patient/p"},
+            "requester": {"reference": "urn:uuid:role-a"}}}
+    ]});
+    let s = fhir::parse_submission(&b).unwrap();
+    assert_eq!(s.orders.len(), 1);
+    assert!(
+        !matches!(s.orders[0].requester, PrescriberRef::Inline(_)),
+        "{:?}",
+        s.orders[0].requester
+    );
+}

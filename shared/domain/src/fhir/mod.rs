@@ -326,7 +326,9 @@ impl<'a> Index<'a> {
             .map(str::to_owned)
     }
 
-    /// The Bundle Practitioner a reference points at, directly or through a PractitionerRole.
+    /// The Bundle Practitioner a reference points at, directly or through one PractitionerRole
+    /// (whose `practitioner` names a Practitioner, never another role: roles that point at roles,
+    /// in a cycle or a chain, resolve to nothing instead of being followed).
     pub(crate) fn practitioner(
         &self,
         reference: &str,
@@ -334,25 +336,26 @@ impl<'a> Index<'a> {
         let Some(e) = self.entry(reference) else {
             return Ok(None);
         };
-        match e.resource_type {
-            "Practitioner" => Ok(self
-                .practitioners
-                .iter()
-                .find(|(i, _)| *i == e.index)
-                .map(|(_, p)| p.clone())),
+        let e = match e.resource_type {
+            "Practitioner" => e,
             "PractitionerRole" => {
                 let ro = as_obj(e.resource, &e.path)?;
                 let Some(p) = json::opt_obj(ro, "practitioner", &e.path)? else {
                     return Ok(None);
                 };
                 let pp = format!("{}.practitioner", e.path);
-                match opt_str(p, "reference", &pp)? {
-                    Some(r) if !r.contains("PractitionerRole") => self.practitioner(r),
-                    _ => Ok(None),
+                match opt_str(p, "reference", &pp)?.and_then(|r| self.entry(r)) {
+                    Some(t) if t.resource_type == "Practitioner" => t,
+                    _ => return Ok(None),
                 }
             }
-            _ => Ok(None),
-        }
+            _ => return Ok(None),
+        };
+        Ok(self
+            .practitioners
+            .iter()
+            .find(|(i, _)| *i == e.index)
+            .map(|(_, p)| p.clone()))
     }
 
     /// The Bundle Practitioner with this NPI.
