@@ -961,13 +961,40 @@ async fn audit_events(
     Ok(rxhttp::fhir(StatusCode::OK, &bundle))
 }
 
+/// Whether the query pair `pair` (still percent-encoded) is an `after`, however its name is
+/// encoded (`%61fter` is `after` too).
+fn names_after(pair: &str) -> bool {
+    let name = pair.split('=').next().unwrap_or("");
+    let mut bytes = Vec::with_capacity(name.len());
+    let mut rest = name.as_bytes();
+    while let Some((&b, tail)) = rest.split_first() {
+        let hex = |c: u8| char::from(c).to_digit(16);
+        match (b, tail) {
+            (b'%', [h, l, more @ ..]) if hex(*h).is_some() && hex(*l).is_some() => {
+                let v = hex(*h).unwrap_or(0) * 16 + hex(*l).unwrap_or(0);
+                bytes.push(u8::try_from(v).unwrap_or(0));
+                rest = more;
+            }
+            (b'+', _) => {
+                bytes.push(b' ');
+                rest = tail;
+            }
+            _ => {
+                bytes.push(b);
+                rest = tail;
+            }
+        }
+    }
+    bytes == b"after"
+}
+
 /// The query string `raw` (as the caller sent it, still percent-encoded) with `after` set to
 /// `seq` in place of any it had.
 fn with_after(raw: Option<&str>, seq: u64) -> String {
     let mut parts: Vec<&str> = raw
         .unwrap_or("")
         .split('&')
-        .filter(|p| !p.is_empty() && *p != "after" && !p.starts_with("after="))
+        .filter(|p| !p.is_empty() && !names_after(p))
         .collect();
     let after = format!("after={seq}");
     parts.push(&after);
@@ -1487,6 +1514,26 @@ mod tests {
 
     const TENANT: &str = "pharmacy-t";
     const OTHER_TENANT: &str = "pharmacy-u";
+
+    /// The next link's query replaces the `after` the caller sent, however its name was
+    /// encoded (a `%61fter` kept beside the new `after` made the link a 400), and keeps the rest
+    /// as sent.
+    #[test]
+    fn the_next_link_replaces_after_however_it_is_spelled() {
+        assert_eq!(with_after(None, 7), "after=7");
+        assert_eq!(with_after(Some("limit=3&after=2"), 7), "limit=3&after=7");
+        assert_eq!(with_after(Some("limit=3&%61fter=2"), 7), "limit=3&after=7");
+        assert_eq!(
+            with_after(Some("%61%66ter=2&user=a%20b"), 7),
+            "user=a%20b&after=7"
+        );
+        assert_eq!(with_after(Some("after&limit=3"), 7), "limit=3&after=7");
+        assert_eq!(
+            with_after(Some("afterx=1&limit=3"), 7),
+            "afterx=1&limit=3&after=7"
+        );
+        assert_eq!(with_after(Some("%6=1"), 7), "%6=1&after=7");
+    }
 
     /// An order by a prescriber the Bundle registers, for its own patient.
     /// The embedded services over a new data directory in `dir`.

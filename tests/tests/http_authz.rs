@@ -466,6 +466,26 @@ async fn a_bundle_cannot_carry_a_practitioner_its_orders_do_not_name() {
     let r = s.as_who(&pump, "POST", "/prescriptions", Some(&b)).await;
     r.assert_outcome(400);
     assert!(r.text.contains("Practitioner"), "{}", r.text);
+
+    // A twin of one's own Practitioner (the same id) carrying another prescriber's NPI: it
+    // matched the requester by id and rewrote Smith's record (no DEA: his next controlled
+    // order was rejected).
+    let before = s.events_of("dr-pump").await.len();
+    let mut b = lisinopril("pat-pr", DR_PUMP);
+    b["entry"][1]["resource"]["id"] = json!("shared-id");
+    let mut twin = lisinopril("pat-pr", DR_SMITH)["entry"][1].clone();
+    twin["resource"]["id"] = json!("shared-id");
+    twin["resource"]["identifier"] =
+        json!([{"system": "http://hl7.org/fhir/sid/us-npi", "value": DR_SMITH.npi}]);
+    entries(&mut b).push(twin);
+    let r = s.as_who(&pump, "POST", "/prescriptions", Some(&b)).await;
+    r.assert_outcome(400);
+    assert!(r.text.contains("share"), "{}", r.text);
+    let wrote = s.events_of("dr-pump").await[before..]
+        .iter()
+        .filter(|e| matches!(e.action, AuditAction::Create | AuditAction::Update))
+        .count();
+    assert_eq!(wrote, 0);
     s.stop().await;
 }
 

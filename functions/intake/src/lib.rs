@@ -108,6 +108,25 @@ fn check_entries(s: &Submission) -> Result<(), StepError> {
             expression: Some("Bundle.entry".into()),
         });
     }
+    // Two entries for one patient or prescriber would leave which one an order means to chance
+    // (and a twin of one's own Practitioner could carry another prescriber's NPI).
+    let twins = |a: &Option<String>, b: &Option<String>| a.is_some() && a == b;
+    let doubled = s.prescribers.iter().enumerate().any(|(i, a)| {
+        s.prescribers[i + 1..]
+            .iter()
+            .any(|b| twins(&a.source_id, &b.source_id) || twins(&a.npi, &b.npi))
+    });
+    if doubled {
+        return Err(twice("Practitioner", "an id or NPI"));
+    }
+    let doubled = s.patients.iter().enumerate().any(|(i, a)| {
+        s.patients[i + 1..]
+            .iter()
+            .any(|b| a.source_id == b.source_id)
+    });
+    if doubled {
+        return Err(twice("Patient", "an id"));
+    }
     let ordered = |patient_ref: &str| s.orders.iter().any(|o| o.patient_ref == patient_ref);
     if !s.patients.iter().all(|p| ordered(&p.source_id)) {
         return Err(unbound(
@@ -138,6 +157,14 @@ fn check_entries(s: &Submission) -> Result<(), StepError> {
     Ok(())
 }
 
+fn twice(what: &str, shared: &str) -> StepError {
+    StepError::Invalid {
+        code: "invalid",
+        message: format!("two {what} entries in the submission share {shared}; send each once"),
+        expression: Some(format!("Bundle.entry.resource.ofType({what})")),
+    }
+}
+
 fn unbound(what: &str, must_be: &str) -> StepError {
     StepError::Invalid {
         code: "invalid",
@@ -155,9 +182,12 @@ fn requested_by(order: &MedicationOrder, p: &PrescriberRecord) -> bool {
     match &order.requester {
         rx_domain::PrescriberRef::Reference(id) => same(&p.source_id, id),
         rx_domain::PrescriberRef::Npi(npi) => same(&p.npi, npi),
+        // The record the requester resolved to: the same NPI, or the same id with no other NPI.
         rx_domain::PrescriberRef::Inline(q) => {
             (q.npi.is_some() && q.npi == p.npi)
-                || (q.source_id.is_some() && q.source_id == p.source_id)
+                || (q.source_id.is_some()
+                    && q.source_id == p.source_id
+                    && (q.npi.is_none() || p.npi.is_none() || q.npi == p.npi))
         }
         rx_domain::PrescriberRef::Missing => false,
     }
