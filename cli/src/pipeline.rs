@@ -311,6 +311,9 @@ impl Pipeline {
         let fill = rx_fn_dispense::DispenseRequest {
             quantity,
             days_supply: order.days_supply.is_none().then_some(days),
+            // A retry after a failure that had in fact committed finds this fill instead of
+            // making a second one.
+            request_id: Some(format!("rxflow-run-{rx_id}")),
         };
         match with_retry(true, || rx_fn_dispense::handle(svc, p, None, rx_id, &fill)).await {
             Ok(d) => Ok((Some(d.status), None)),

@@ -729,16 +729,49 @@ async fn dispense(
     State(st): State<ServeState>,
     caller: Caller,
     FhirPath(id): FhirPath<String>,
-    FhirJson(req): FhirJson<rx_fn_dispense::DispenseRequest>,
+    headers: axum::http::HeaderMap,
+    FhirJson(mut req): FhirJson<rx_fn_dispense::DispenseRequest>,
 ) -> Answer {
+    // The `Idempotency-Key` header is the same as a `requestId` in the body.
+    if let Some(key) = headers.get("idempotency-key") {
+        let key = key.to_str().map_err(|_| idempotency_key_invalid())?;
+        match &req.request_id {
+            Some(id) if id != key => {
+                return Err(StepError::Invalid {
+                    code: "value",
+                    message: "the Idempotency-Key header and the body's requestId differ; send \
+                              one, or the same in both"
+                        .into(),
+                    expression: Some("requestId".into()),
+                })
+            }
+            _ => req.request_id = Some(key.to_string()),
+        }
+    }
     let out =
         rx_fn_dispense::handle(&st.app.svc, &caller.principal, caller.source_ip, &id, &req).await?;
     st.pipeline.publish(out.events);
-    let mut res = rxhttp::fhir(StatusCode::CREATED, &out.dispense);
+    let status = if out.duplicate {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    let mut res = rxhttp::fhir(status, &out.dispense);
     if let Some(did) = out.dispense.get("id").and_then(Value::as_str) {
         set_location(&mut res, &format!("/prescriptions/{id}/dispenses/{did}"));
     }
     Ok(res)
+}
+
+fn idempotency_key_invalid() -> StepError {
+    StepError::Invalid {
+        code: "value",
+        message: format!(
+            "the Idempotency-Key header must be 1 to {} visible ASCII characters",
+            rx_fn_dispense::MAX_REQUEST_ID
+        ),
+        expression: Some("Idempotency-Key".into()),
+    }
 }
 
 async fn open_break_glass(

@@ -982,3 +982,50 @@ async fn a_queue_cursor_the_server_never_gave_is_a_400_naming_after() {
     assert_eq!(r.json["count"], 0, "{}", r.text);
     s.stop().await;
 }
+
+/// `POST /dispenses` with an `Idempotency-Key` (or a `requestId` in the body) sent again by the
+/// same pharmacist is answered 200 with the fill it made, not a second fill (a retry after a
+/// 504 or a lost answer would otherwise dispense twice); a header that disagrees with the body
+/// is a 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dispense_retried_with_its_idempotency_key_records_one_fill() {
+    let s = TestServer::start().await;
+    let id = s.queued("pat-idem").await;
+    let rph = Who::pharmacist("rph-idem");
+    let r = s
+        .as_who(
+            &rph,
+            "POST",
+            &format!("/prescriptions/{id}/verification"),
+            Some(&json!({"decision": "approve"})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let url = format!("{}/prescriptions/{id}/dispenses", s.base);
+    let send = |key: &str, body: Value| {
+        s.client
+            .post(&url)
+            .bearer_auth(s.token(&rph))
+            .header("content-type", "application/fhir+json")
+            .header("idempotency-key", key)
+            .body(serde_json::to_vec(&body).expect("body"))
+    };
+    let first = s.raw(send("k-1", json!({"quantity": 10}))).await;
+    assert_eq!(first.status, 201, "{}", first.text);
+    let again = s.raw(send("k-1", json!({"quantity": 10}))).await;
+    assert_eq!(again.status, 200, "{}", again.text);
+    assert_eq!(again.json["id"], first.json["id"]);
+    let odd = s
+        .raw(send("k-2", json!({"quantity": 1, "requestId": "k-3"})))
+        .await;
+    odd.assert_outcome(400);
+    let fills = s
+        .events_of("rph-idem")
+        .await
+        .iter()
+        .filter(|e| e.function == "dispense" && e.action == AuditAction::Update)
+        .filter(|e| e.resource.kind == "MedicationRequest")
+        .count();
+    assert_eq!(fills, 1, "one fill recorded");
+    s.stop().await;
+}

@@ -34,7 +34,15 @@ pub struct DispenseRequest {
     /// Defaults to the order's days supply, in proportion for a part fill.
     #[serde(default)]
     pub days_supply: Option<u32>,
+    /// The client's key for this request (1 to 128 visible ASCII characters). Sent again, by
+    /// the same pharmacist, the request is answered with the fill it made (a retry after a lost
+    /// answer or a 504 records no second fill); without it every request is a new fill.
+    #[serde(default)]
+    pub request_id: Option<String>,
 }
+
+/// The most characters a `requestId` may have.
+pub const MAX_REQUEST_ID: usize = 128;
 
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -45,6 +53,9 @@ pub struct DispenseOutput {
     /// The FHIR R4 MedicationDispense of this fill.
     pub dispense: Value,
     pub events: Vec<PipelineEvent>,
+    /// The request had been made before (same `requestId`, same pharmacist): nothing new was
+    /// recorded, and `dispense` is the fill it made then.
+    pub duplicate: bool,
 }
 
 /// Record a fill of a verified (or partially dispensed) order.
@@ -64,6 +75,38 @@ pub async fn handle(
         rx_id,
     )
     .await?;
+    if let Some(key) = &req.request_id {
+        check_request_id(key)?;
+        if let Some(done) = rx
+            .record
+            .fills
+            .iter()
+            .find(|f| f.request_id.as_deref() == Some(key.as_str()))
+        {
+            if done.by != p.subject {
+                return Err(StepError::Conflict(
+                    "this requestId was used by another pharmacist's dispense of this order; \
+                     give a new request its own id"
+                        .into(),
+                ));
+            }
+            let patient_reference = format!("Patient/{}", rx.record.order.patient_ref);
+            return Ok(DispenseOutput {
+                rx_id: rx.id().to_string(),
+                status: rx.status,
+                version: rx.row.version,
+                dispense: medication_dispense(
+                    &done.id,
+                    rx.id(),
+                    &rx.record,
+                    done,
+                    &patient_reference,
+                ),
+                events: Vec::new(),
+                duplicate: true,
+            });
+        }
+    }
     if !matches!(
         rx.status,
         Status::Verified | Status::PartiallyDispensed | Status::Dispensed
@@ -97,7 +140,22 @@ pub async fn handle(
         version: saved.version,
         dispense: medication_dispense(&fill.id, rx.id(), &record, &fill, &patient_reference),
         events: emit(&rx, &saved),
+        duplicate: false,
     })
+}
+
+/// A `requestId` is 1 to [`MAX_REQUEST_ID`] visible ASCII characters.
+fn check_request_id(key: &str) -> Result<(), StepError> {
+    if key.is_empty() || key.len() > MAX_REQUEST_ID || !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(StepError::Invalid {
+            code: "value",
+            message: format!(
+                "requestId must be 1 to {MAX_REQUEST_ID} visible ASCII characters (a UUID, say)"
+            ),
+            expression: Some("requestId".into()),
+        });
+    }
+    Ok(())
 }
 
 fn not_dispensable(rx_id: &str, status: Status) -> StepError {
@@ -166,6 +224,7 @@ fn next_fill(
         by: by.to_string(),
         refill_number,
         partial,
+        request_id: req.request_id.clone(),
     })
 }
 

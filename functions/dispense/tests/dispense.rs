@@ -371,3 +371,52 @@ fn request_with_an_unknown_field_does_not_parse() {
     let r: DispenseRequest = serde_json::from_value(json!({"daysSupply": 7})).expect("parses");
     assert_eq!(r.days_supply, Some(7));
 }
+
+/// A dispense sent again with its requestId (a retry after a lost answer or a 504) is answered
+/// with the fill it made, recording no second one; by another pharmacist it is a conflict; a
+/// request without one is a new fill each time.
+#[tokio::test]
+async fn a_repeated_request_id_is_answered_with_its_fill_not_a_second_one() {
+    let d = open();
+    let rx = ready(&d, &Order::oxycodone()).await;
+    let body = json!({"quantity": 8, "requestId": "fill-0001"});
+    let first = handle(&d.svc, &rph(), None, &rx, &request(body.clone()))
+        .await
+        .expect("part fill");
+    assert!(!first.duplicate);
+    let version = load(&d, &rx).await.row.version;
+
+    let again = handle(&d.svc, &rph(), None, &rx, &request(body.clone()))
+        .await
+        .expect("the same request");
+    assert!(again.duplicate);
+    assert_eq!(again.dispense["id"], first.dispense["id"]);
+    assert_eq!(again.dispense["quantity"]["value"], 8.0);
+    assert!(again.events.is_empty());
+    assert_eq!(load(&d, &rx).await.row.version, version, "nothing written");
+    assert_eq!(stored(&d, &rx).await.fills.len(), 1);
+
+    let other = pharmacist("rph-other", true);
+    let err = handle(&d.svc, &other, None, &rx, &request(body))
+        .await
+        .expect_err("another pharmacist's key");
+    assert!(matches!(err, StepError::Conflict(_)), "{err:?}");
+
+    for bad in ["", "has space", &"x".repeat(129)] {
+        let err = handle(
+            &d.svc,
+            &rph(),
+            None,
+            &rx,
+            &request(json!({"quantity": 1, "requestId": bad})),
+        )
+        .await
+        .expect_err("not a request id");
+        assert!(matches!(err, StepError::Invalid { .. }), "{err:?}");
+    }
+    // Without a requestId each request is a fill of its own.
+    handle(&d.svc, &rph(), None, &rx, &request(json!({"quantity": 2})))
+        .await
+        .expect("second part fill");
+    assert_eq!(stored(&d, &rx).await.fills.len(), 2);
+}

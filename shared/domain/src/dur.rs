@@ -1093,6 +1093,7 @@ mod tests {
             by: "rph".into(),
             refill_number: 0,
             partial: false,
+            request_id: None,
         }
     }
 

@@ -301,6 +301,10 @@ pub struct Fill {
     /// 0 for the original fill, 1.. for refills.
     pub refill_number: u32,
     pub partial: bool,
+    /// The client's key for the request that made this fill (`requestId` or the
+    /// `Idempotency-Key` header): the same request again is answered with this fill.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
 }
 
 /// The sealed body of a prescription: the order, what every step found, and the fills.

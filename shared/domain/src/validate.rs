@@ -970,6 +970,7 @@ mod tests {
                 by: "rph".into(),
                 refill_number: n,
                 partial,
+                request_id: None,
             });
         }
         r

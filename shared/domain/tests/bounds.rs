@@ -212,6 +212,7 @@ fn fill(n: u32, at: DateTime<Utc>, quantity: f64, days: Option<u32>, partial: bo
         by: "rph".into(),
         refill_number: n,
         partial,
+        request_id: None,
     }
 }
 

@@ -98,6 +98,7 @@ fn medication_dispense_points_at_its_prescription_and_carries_the_fill() {
         by: "pharmacist-9".into(),
         refill_number: 1,
         partial: true,
+        request_id: None,
     };
     let d = fhir::medication_dispense("d1", "rx-42", &r, &fill, "Patient/p1");
     assert_eq!(d["resourceType"], "MedicationDispense");

@@ -191,6 +191,7 @@ fn run_pipeline(c: &CohortConfig) -> Vec<Outcome> {
                 by: "pharmacist".into(),
                 refill_number: 0,
                 partial: false,
+                request_id: None,
             });
             past.push((v["id"].as_str().unwrap().to_owned(), order, fill));
         }
