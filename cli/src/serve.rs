@@ -565,10 +565,27 @@ fn requester_npi<'a>(order: &'a MedicationOrder, submission: &'a Submission) -> 
 async fn submit(
     State(st): State<ServeState>,
     caller: Caller,
-    FhirJson(body): FhirJson<Value>,
+    req: axum::extract::Request,
 ) -> Answer {
     let svc = &st.app.svc;
     let p = &caller.principal;
+    // A role that may never submit is refused before its body is read or parsed.
+    caller
+        .may_at_all(
+            svc,
+            Action::SubmitPrescription,
+            ResourceRef {
+                kind: "MedicationRequest".into(),
+                id: "-".into(),
+            },
+            INTAKE,
+        )
+        .await?;
+    let body: Value =
+        match <FhirJson<Value> as axum::extract::FromRequest<()>>::from_request(req, &()).await {
+            Ok(FhirJson(body)) => body,
+            Err(refused) => return Ok(refused),
+        };
     let submission = fhir::parse_submission(&body)?;
     for order in &submission.orders {
         let controlled = order

@@ -156,6 +156,36 @@ async fn a_body_trickled_past_the_request_timeout_gets_504_and_the_connection_is
     s.stop().await;
 }
 
+/// A role that may never submit orders (an auditor) is refused at once, audited, before its body
+/// is read: it cannot hold a connection and an in-flight place for the request timeout by
+/// trickling a Bundle to `POST /prescriptions` (it could, until the timeout, before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_that_may_never_submit_is_refused_before_its_body_is_read() {
+    let s = TestServer::start().await;
+    let t = s.token(&Who::new(rx_guard::access::Role::Auditor, "au-trickle"));
+    let addr = s.base.trim_start_matches("http://").to_string();
+    let head = format!(
+        "POST /prescriptions HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {t}\r\n\
+         Content-Type: application/fhir+json\r\nContent-Length: 4000\r\n\r\n"
+    );
+    let started = std::time::Instant::now();
+    let (mut read, task) = trickle(&addr, head).await;
+    let (answer, _) = read_until_closed(&mut read, std::time::Duration::from_secs(3)).await;
+    task.abort();
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    assert!(answer.contains("OperationOutcome"), "{answer}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(3),
+        "answered only after {:?}",
+        started.elapsed()
+    );
+    assert!(
+        !s.denials("au-trickle").await.is_empty(),
+        "the denial is audited"
+    );
+    s.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_or_bad_tokens_are_401_with_a_bearer_challenge() {
     let s = TestServer::start().await;

@@ -336,6 +336,36 @@ impl Caller {
         function: &str,
     ) -> Result<bool, StepError> {
         let decision = Policy::embedded().decide(&self.principal, action, resource, Utc::now());
+        self.enforce(svc, action, decision, target, patient, function)
+            .await
+    }
+
+    /// Refuses the caller, audited, if their role may not take `action` on any resource (see
+    /// [`Policy::role_may`]): a check before the request's body is read. What the role may do
+    /// to a given resource is still [`Caller::authorize`]'s to decide.
+    pub async fn may_at_all(
+        &self,
+        svc: &Services,
+        action: Action,
+        target: ResourceRef,
+        function: &str,
+    ) -> Result<(), StepError> {
+        let decision = Policy::embedded().role_may(&self.principal, action, Utc::now());
+        self.enforce(svc, action, decision, target, None, function)
+            .await
+            .map(|_| ())
+    }
+
+    /// Allow (saying whether under break-glass), or refuse with the denial audited.
+    async fn enforce(
+        &self,
+        svc: &Services,
+        action: Action,
+        decision: Decision,
+        target: ResourceRef,
+        patient: Option<&[u8]>,
+        function: &str,
+    ) -> Result<bool, StepError> {
         match decision {
             Decision::Allow { via_break_glass } => Ok(via_break_glass),
             Decision::Deny(why) => {

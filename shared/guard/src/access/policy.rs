@@ -355,27 +355,11 @@ impl Policy {
         res: Option<&Resource<'_>>,
         now: DateTime<Utc>,
     ) -> Decision {
-        let cell = self
-            .cells
-            .get(&(p.role, action))
-            .copied()
-            .unwrap_or(Cell::DENY);
-        let glass = glass(p.break_glass.as_ref(), p, now);
-        let flagged = matches!(glass, Glass::Active);
-        let role_denied = DenyReason::RoleNotAllowed {
-            role: p.role,
-            action,
+        let (cell, glass) = match self.gate(p, action, now) {
+            Ok(x) => x,
+            Err(why) => return Decision::Deny(why),
         };
-        if cell.scope == Scope::Deny {
-            return Decision::Deny(role_denied);
-        }
-        if cell.scope == Scope::BreakGlassOnly {
-            match glass {
-                Glass::Active => {}
-                Glass::Expired => return Decision::Deny(DenyReason::BreakGlassExpired),
-                Glass::None => return Decision::Deny(role_denied),
-            }
-        }
+        let flagged = matches!(glass, Glass::Active);
         let Some(res) = res else {
             if action.needs_resource() {
                 return Decision::Deny(DenyReason::ResourceRequired { action });
@@ -406,6 +390,47 @@ impl Policy {
         }
         Decision::Allow {
             via_break_glass: flagged,
+        }
+    }
+}
+
+impl Policy {
+    /// Whether `p`'s role may take `action` at all, on whatever resource: the first part of
+    /// [`Policy::decide`], for refusing a request before its body is read (a role that may
+    /// never submit orders is not made to wait for, or parse, a Bundle). `decide` still
+    /// decides on the resource.
+    pub fn role_may(&self, p: &Principal, action: Action, now: DateTime<Utc>) -> Decision {
+        match self.gate(p, action, now) {
+            Ok((_, glass)) => Decision::Allow {
+                via_break_glass: matches!(glass, Glass::Active),
+            },
+            Err(why) => Decision::Deny(why),
+        }
+    }
+
+    /// The role's cell for `action` and `p`'s break-glass state, unless the role may not take
+    /// the action at all (its cell denies it, or allows it only under break-glass that `p` does
+    /// not hold).
+    fn gate(
+        &self,
+        p: &Principal,
+        action: Action,
+        now: DateTime<Utc>,
+    ) -> Result<(Cell, Glass), DenyReason> {
+        let cell = self
+            .cells
+            .get(&(p.role, action))
+            .copied()
+            .unwrap_or(Cell::DENY);
+        let glass = glass(p.break_glass.as_ref(), p, now);
+        let role_denied = DenyReason::RoleNotAllowed {
+            role: p.role,
+            action,
+        };
+        match (cell.scope, &glass) {
+            (Scope::Deny, _) | (Scope::BreakGlassOnly, Glass::None) => Err(role_denied),
+            (Scope::BreakGlassOnly, Glass::Expired) => Err(DenyReason::BreakGlassExpired),
+            _ => Ok((cell, glass)),
         }
     }
 }
