@@ -90,6 +90,18 @@ pub async fn handle(
                         .into(),
                 ));
             }
+            // The same key for another request is a client's mistake, not a retry.
+            let other_quantity = req
+                .quantity
+                .is_some_and(|q| (q - done.quantity).abs() > EPSILON);
+            let other_days = req.days_supply.is_some() && req.days_supply != done.days_supply;
+            if other_quantity || other_days {
+                return Err(StepError::Conflict(
+                    "this requestId was used for a dispense of another quantity or supply; a \
+                     retry sends the same request, a new request needs its own id"
+                        .into(),
+                ));
+            }
             let patient_reference = format!("Patient/{}", rx.record.order.patient_ref);
             return Ok(DispenseOutput {
                 rx_id: rx.id().to_string(),

@@ -396,6 +396,29 @@ async fn a_repeated_request_id_is_answered_with_its_fill_not_a_second_one() {
     assert_eq!(load(&d, &rx).await.row.version, version, "nothing written");
     assert_eq!(stored(&d, &rx).await.fills.len(), 1);
 
+    // The same key for another quantity is not a retry.
+    let err = handle(
+        &d.svc,
+        &rph(),
+        None,
+        &rx,
+        &request(json!({"quantity": 9, "requestId": "fill-0001"})),
+    )
+    .await
+    .expect_err("another request under the same key");
+    assert!(matches!(err, StepError::Conflict(_)), "{err:?}");
+    // Without a quantity it asks for the rest of the fill: the same key answers the fill made.
+    let bare = handle(
+        &d.svc,
+        &rph(),
+        None,
+        &rx,
+        &request(json!({"requestId": "fill-0001"})),
+    )
+    .await
+    .expect("a retry without the quantity");
+    assert!(bare.duplicate);
+
     let other = pharmacist("rph-other", true);
     let err = handle(&d.svc, &other, None, &rx, &request(body))
         .await
