@@ -749,7 +749,14 @@ async fn dispense(
     headers: axum::http::HeaderMap,
     FhirJson(mut req): FhirJson<rx_fn_dispense::DispenseRequest>,
 ) -> Answer {
-    // The `Idempotency-Key` header is the same as a `requestId` in the body.
+    // The `Idempotency-Key` header is the same as a `requestId` in the body; it has one value.
+    if headers.get_all("idempotency-key").iter().count() > 1 {
+        return Err(StepError::Invalid {
+            code: "value",
+            message: "the request carries more than one Idempotency-Key header; send one".into(),
+            expression: Some("Idempotency-Key".into()),
+        });
+    }
     if let Some(key) = headers.get("idempotency-key") {
         let key = key.to_str().map_err(|_| idempotency_key_invalid())?;
         match &req.request_id {

@@ -486,6 +486,21 @@ async fn a_bundle_cannot_carry_a_practitioner_its_orders_do_not_name() {
         .filter(|e| matches!(e.action, AuditAction::Create | AuditAction::Update))
         .count();
     assert_eq!(wrote, 0);
+
+    // The same Patient and Practitioner twice, each copy under its own fullUrl (an integration
+    // engine joining per-order Bundles): one entry each, accepted.
+    let mut b = lisinopril("pat-pr", DR_PUMP);
+    let mut second = lisinopril("pat-pr", DR_PUMP);
+    let extra: Vec<Value> = entries(&mut second).drain(..).collect();
+    entries(&mut b).extend(extra);
+    let r = s.as_who(&pump, "POST", "/prescriptions", Some(&b)).await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    assert_eq!(
+        r.json["entry"].as_array().map(Vec::len),
+        Some(2),
+        "{}",
+        r.text
+    );
     s.stop().await;
 }
 
@@ -1019,6 +1034,10 @@ async fn a_dispense_retried_with_its_idempotency_key_records_one_fill() {
         .raw(send("k-2", json!({"quantity": 1, "requestId": "k-3"})))
         .await;
     odd.assert_outcome(400);
+    let two = s
+        .raw(send("k-4", json!({"quantity": 1})).header("idempotency-key", "k-5"))
+        .await;
+    two.assert_outcome(400);
     let fills = s
         .events_of("rph-idem")
         .await

@@ -108,13 +108,20 @@ fn check_entries(s: &Submission) -> Result<(), StepError> {
             expression: Some("Bundle.entry".into()),
         });
     }
-    // Two entries for one patient or prescriber would leave which one an order means to chance
-    // (and a twin of one's own Practitioner could carry another prescriber's NPI).
-    let twins = |a: &Option<String>, b: &Option<String>| a.is_some() && a == b;
+    // Two different entries for one patient or prescriber would leave which one an order means
+    // to chance (and a twin of one's own Practitioner could carry another prescriber's NPI).
+    // The same entry twice (an integration engine joining per-order Bundles repeats them, each
+    // under its own fullUrl) is one.
+    let same = |a: &Option<String>, b: &Option<String>| a.is_some() && a == b;
     let doubled = s.prescribers.iter().enumerate().any(|(i, a)| {
-        s.prescribers[i + 1..]
-            .iter()
-            .any(|b| twins(&a.source_id, &b.source_id) || twins(&a.npi, &b.npi))
+        s.prescribers[i + 1..].iter().any(|b| {
+            let apart_from_id = PrescriberRecord {
+                source_id: a.source_id.clone(),
+                ..b.clone()
+            };
+            (same(&a.source_id, &b.source_id) && a != b)
+                || (same(&a.npi, &b.npi) && *a != apart_from_id)
+        })
     });
     if doubled {
         return Err(twice("Practitioner", "an id or NPI"));
@@ -122,7 +129,7 @@ fn check_entries(s: &Submission) -> Result<(), StepError> {
     let doubled = s.patients.iter().enumerate().any(|(i, a)| {
         s.patients[i + 1..]
             .iter()
-            .any(|b| a.source_id == b.source_id)
+            .any(|b| a.source_id == b.source_id && a != b)
     });
     if doubled {
         return Err(twice("Patient", "an id"));
@@ -160,7 +167,7 @@ fn check_entries(s: &Submission) -> Result<(), StepError> {
 fn twice(what: &str, shared: &str) -> StepError {
     StepError::Invalid {
         code: "invalid",
-        message: format!("two {what} entries in the submission share {shared}; send each once"),
+        message: format!("two {what} entries in the submission share {shared} but differ; send one entry for each"),
         expression: Some(format!("Bundle.entry.resource.ofType({what})")),
     }
 }
