@@ -380,6 +380,76 @@ fn spawn_group_committer(store: &Arc<SqliteStore>) -> Result<(), ServeError> {
     Ok(())
 }
 
+/// How often the log is copied into the database file, off the commit path: often, so that
+/// each round syncs little and the round that holds the writers has few frames left to copy.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(5);
+
+/// The log length (in pages: 64 MiB of 4 KiB pages) past which a round holds the writers for
+/// the few frames left, so that the log starts again from its beginning.
+const CHECKPOINT_RESTART_AT: u64 = 16_384;
+
+/// Runs the store's WAL checkpoints on a thread and a connection of their own, so that no
+/// request waits behind the two fsyncs of a checkpoint (see [`rx_store::sqlite::Checkpointer`]).
+/// Stopped, it runs a last round and closes its connection, so that the store's own close
+/// finds itself the last and folds the log into the database file.
+fn spawn_checkpointer(store: &Arc<SqliteStore>) -> Result<Stoppable, ServeError> {
+    let checkpointer = store
+        .checkpoint_separately(CHECKPOINT_RESTART_AT)
+        .map_err(|source| SetupError::Store {
+            path: store.path().display().to_string(),
+            source,
+        })?;
+    Stoppable::spawn("rxflow-wal-checkpoint", move |stopped| loop {
+        let last = !matches!(
+            stopped.recv_timeout(CHECKPOINT_EVERY),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+        );
+        match checkpointer.round() {
+            Ok(Some(_)) => {}
+            Ok(None) => break,
+            Err(e) => {
+                tracing::error!(error = %e, "a checkpoint of the store's log failed; the next round tries again");
+            }
+        }
+        if last {
+            break;
+        }
+    })
+}
+
+/// A background thread that runs until told to stop (or until its handle is dropped).
+struct Stoppable {
+    stop: std::sync::mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Stoppable {
+    /// Starts `run` on a thread named `name`; `run` watches the receiver for the stop (a
+    /// message, or the sender gone).
+    fn spawn(
+        name: &str,
+        run: impl FnOnce(std::sync::mpsc::Receiver<()>) + Send + 'static,
+    ) -> Result<Self, ServeError> {
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || run(stopped))
+            .map_err(ServeError::Serve)?;
+        Ok(Stoppable { stop, thread })
+    }
+
+    /// Tells the thread to stop and waits for it to end, off the runtime's workers. Whether it
+    /// ended normally.
+    async fn stop(self) -> bool {
+        let Stoppable { stop, thread } = self;
+        let _ = stop.send(());
+        matches!(
+            tokio::task::spawn_blocking(move || thread.join()).await,
+            Ok(Ok(()))
+        )
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Scheduled sealing of the audit trail
 
@@ -410,50 +480,40 @@ pub fn seal_every_from(
 /// an event changed, added or removed after it was written fails `rxflow audit verify` against
 /// a signed root at most one period later (not only when an operator runs `rxflow audit
 /// seal`). It reads the events through a second connection, which sees committed events only.
-struct AuditSealer {
-    stop: std::sync::mpsc::Sender<()>,
-    thread: std::thread::JoinHandle<()>,
-}
-
 fn spawn_audit_sealer(
     data_dir: PathBuf,
     store: Arc<SqliteStore>,
     every: Option<Duration>,
-) -> Result<AuditSealer, ServeError> {
-    let (stop, stopped) = std::sync::mpsc::channel::<()>();
-    let thread = std::thread::Builder::new()
-        .name("rxflow-audit-seal".into())
-        .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    tracing::error!(error = %e, "the audit sealer could not start; run `rxflow audit seal`");
-                    return;
+) -> Result<Stoppable, ServeError> {
+    Stoppable::spawn("rxflow-audit-seal", move |stopped| {
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                tracing::error!(error = %e, "the audit sealer could not start; run `rxflow audit seal`");
+                return;
+            }
+        };
+        let mut events = None;
+        loop {
+            let last = match every {
+                Some(every) => !matches!(
+                    stopped.recv_timeout(every),
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+                ),
+                None => {
+                    let _ = stopped.recv();
+                    true
                 }
             };
-            let mut events = None;
-            loop {
-                let last = match every {
-                    Some(every) => !matches!(
-                        stopped.recv_timeout(every),
-                        Err(std::sync::mpsc::RecvTimeoutError::Timeout)
-                    ),
-                    None => {
-                        let _ = stopped.recv();
-                        true
-                    }
-                };
-                seal_now(&rt, &data_dir, &store, &mut events, last);
-                if last {
-                    break;
-                }
+            seal_now(&rt, &data_dir, &store, &mut events, last);
+            if last {
+                break;
             }
-        })
-        .map_err(ServeError::Serve)?;
-    Ok(AuditSealer { stop, thread })
+        }
+    })
 }
 
 /// One scheduled seal. A failure is logged and the next period tries again.
@@ -1228,7 +1288,8 @@ pub struct Server {
     pipeline_done: oneshot::Receiver<()>,
     addr: SocketAddr,
     state: AppState,
-    sealer: AuditSealer,
+    sealer: Stoppable,
+    checkpointer: Stoppable,
 }
 
 /// Open the embedded deployment in `args.data_dir`, build the verifier and the router, start the
@@ -1246,6 +1307,7 @@ pub async fn bind_with(args: &ServeArgs, limits: Limits) -> Result<Server, Serve
     // its own changes to be durable (rxhttp::durable_before_answer), the rest is synced here.
     embedded.store.group_commit(true);
     spawn_group_committer(&embedded.store)?;
+    let checkpointer = spawn_checkpointer(&embedded.store)?;
     let seal_every = seal_every_from(|k| std::env::var(k).ok())?;
     let sealer = spawn_audit_sealer(
         embedded.data_dir.clone(),
@@ -1274,6 +1336,7 @@ pub async fn bind_with(args: &ServeArgs, limits: Limits) -> Result<Server, Serve
         addr,
         state,
         sealer,
+        checkpointer,
     })
 }
 
@@ -1324,13 +1387,11 @@ impl Server {
         rxhttp::record_counted_logins(&self.state, true).await;
         // A last checkpoint over everything the server wrote (the sealer makes it durable
         // first, the summaries just recorded included).
-        let AuditSealer { stop, thread } = self.sealer;
-        let _ = stop.send(());
-        if !matches!(
-            tokio::task::spawn_blocking(move || thread.join()).await,
-            Ok(Ok(()))
-        ) {
+        if !self.sealer.stop().await {
             tracing::error!("the audit sealer did not finish; run `rxflow audit seal`");
+        }
+        if !self.checkpointer.stop().await {
+            tracing::error!("the checkpointer did not finish; the next open folds the log in");
         }
         served.map_err(ServeError::Serve)
     }

@@ -18,9 +18,12 @@
 //! successful append left is kept, and dropped whenever a change set rolls back, so a
 //! rolled-back change set cannot leave a gap.
 
+mod checkpoint;
 mod columns;
 mod error;
 mod schema;
+
+pub use checkpoint::{Checkpointer, Round};
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
