@@ -388,6 +388,10 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(5);
 /// the few frames left, so that the log starts again from its beginning.
 const CHECKPOINT_RESTART_AT: u64 = 16_384;
 
+/// A log this long (256 MiB) means a reader has kept it from starting again: said once in the
+/// log until it starts again.
+const CHECKPOINT_HELD_BACK_AT: u64 = 4 * CHECKPOINT_RESTART_AT;
+
 /// Runs the store's WAL checkpoints on a thread and a connection of their own, so that no
 /// request waits behind the two fsyncs of a checkpoint (see [`rx_store::sqlite::Checkpointer`]).
 /// Stopped, it runs a last round and closes its connection, so that the store's own close
@@ -399,20 +403,38 @@ fn spawn_checkpointer(store: &Arc<SqliteStore>) -> Result<Stoppable, ServeError>
             path: store.path().display().to_string(),
             source,
         })?;
-    Stoppable::spawn("rxflow-wal-checkpoint", move |stopped| loop {
-        let last = !matches!(
-            stopped.recv_timeout(CHECKPOINT_EVERY),
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout)
-        );
-        match checkpointer.round() {
-            Ok(Some(_)) => {}
-            Ok(None) => break,
-            Err(e) => {
-                tracing::error!(error = %e, "a checkpoint of the store's log failed; the next round tries again");
+    Stoppable::spawn("rxflow-wal-checkpoint", move |stopped| {
+        // Whether the operator has been told that a reader holds the log back.
+        let mut held_back = false;
+        loop {
+            let last = !matches!(
+                stopped.recv_timeout(CHECKPOINT_EVERY),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+            );
+            match checkpointer.round() {
+                Ok(Some(round)) => {
+                    if !held_back && round.log_frames >= CHECKPOINT_HELD_BACK_AT {
+                        held_back = true;
+                        tracing::warn!(
+                            log_mib = round.log_frames * 4 / 1024,
+                            behind_frames = round.behind,
+                            "the store's log cannot start again: a reader of rxflow.db has been \
+                             in the middle of a read for a while (a report, a backup, a long \
+                             `rxflow audit` command); it grows until that read ends"
+                        );
+                    } else if held_back && round.log_frames < CHECKPOINT_RESTART_AT {
+                        held_back = false;
+                        tracing::info!("the store's log started again");
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::error!(error = %e, "a checkpoint of the store's log failed; the next round tries again");
+                }
             }
-        }
-        if last {
-            break;
+            if last {
+                break;
+            }
         }
     })
 }

@@ -9,8 +9,10 @@
 //! past a bound without the copy ever catching up (writes never paused long enough) does it take
 //! the store's turn, briefly, to copy the few frames left, so that the next write starts the log
 //! again from its beginning: one short wait per bound's worth of log instead of one per 1,000
-//! pages.
+//! pages. As with SQLite's own checkpoints, a reader in the middle of a read keeps the frames
+//! its snapshot needs from being copied, and the log from starting again, until it is done.
 
+use std::cell::Cell;
 use std::path::Path;
 use std::sync::{Arc, Weak};
 
@@ -18,19 +20,31 @@ use rusqlite::Connection;
 
 use super::error::map;
 use super::{SqliteStore, BUSY_TIMEOUT};
-use crate::port::{StoreError, StoreResult};
+use crate::port::StoreResult;
 
 /// What a round found and did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Round {
     /// Frames in the log when the round ended.
     pub log_frames: u64,
-    /// Whether every committed frame is now in the database file (the next write restarts the
-    /// log).
-    pub caught_up: bool,
-    /// Whether the round had to hold the store's connection to catch up.
+    /// Of those, the frames not yet copied into the database file: a reader's snapshot still
+    /// needs them (or they were committed while the round ran).
+    pub behind: u64,
+    /// Whether the round held the store's connection to copy the last frames.
     pub held_writers: bool,
 }
+
+impl Round {
+    /// Every committed frame is in the database file: the next write starts the log again.
+    pub fn caught_up(&self) -> bool {
+        self.behind == 0
+    }
+}
+
+/// The most frames a round copies while it holds the writers (4 MiB of 4 KiB pages, a few
+/// milliseconds). A log further behind than that (a reader held its frames) is copied beside
+/// the writers first, never with them waiting.
+const HELD_COPY_MAX: u64 = 1_024;
 
 /// Runs the checkpoints of one [`SqliteStore`] (see the module documentation).
 pub struct Checkpointer {
@@ -38,6 +52,9 @@ pub struct Checkpointer {
     store: Weak<SqliteStore>,
     /// Log length, in frames, past which a round holds the writers to catch up.
     restart_at: u64,
+    /// What the last round that ran found (log frames, frames behind): a round that could not
+    /// start (another connection was checkpointing) reports it again.
+    last: Cell<(u64, u64)>,
 }
 
 impl SqliteStore {
@@ -53,28 +70,54 @@ impl SqliteStore {
             .conn
             .pragma_update(None, "wal_autocheckpoint", 0)
             .map_err(|e| map(what, e))?;
+        // A log file grown past twice the bound (a reader held the log open for a while) is
+        // cut back when the log starts again; one within it is reused as it is.
+        let page: i64 = inner
+            .conn
+            .pragma_query_value(None, "page_size", |r| r.get(0))
+            .map_err(|e| map(what, e))?;
+        let limit = i64::try_from(restart_at.saturating_mul(2))
+            .unwrap_or(i64::MAX)
+            .saturating_mul(page);
+        inner
+            .conn
+            .pragma_update(None, "journal_size_limit", limit)
+            .map_err(|e| map(what, e))?;
         Ok(Checkpointer {
             conn,
             store: Arc::downgrade(self),
             restart_at: restart_at.max(1),
+            last: Cell::new((0, 0)),
         })
     }
 }
 
 impl Checkpointer {
-    /// Copies the committed log into the database file beside the writers. When that leaves
-    /// frames behind and the log holds `restart_at` frames or more, it commits the store's open
-    /// group and copies the rest while holding the store's turn. `Ok(None)` once the store is
-    /// closed.
+    /// Copies the committed log into the database file beside the writers. When the log holds
+    /// `restart_at` frames or more and that copy left at most a few frames behind, it commits
+    /// the store's open group and copies the rest while holding the store's turn, so that the
+    /// next write starts the log again. A reader's snapshot can keep frames from being copied
+    /// (and so the log from starting again) until it ends; the round then reports how far
+    /// behind the copy is. `Ok(None)` once the store is closed.
     pub fn round(&self) -> StoreResult<Option<Round>> {
         let Some(store) = self.store.upgrade() else {
             return Ok(None);
         };
-        let (log, done) = passive(&self.conn).map_err(|e| map("checkpointing the log", e))?;
-        if log < self.restart_at {
+        let Some((log, done)) = passive(&self.conn).map_err(|e| map("checkpointing the log", e))?
+        else {
+            let (log_frames, behind) = self.last.get();
+            return Ok(Some(Round {
+                log_frames,
+                behind,
+                held_writers: false,
+            }));
+        };
+        let behind = log.saturating_sub(done);
+        self.last.set((log, behind));
+        if log < self.restart_at || behind > HELD_COPY_MAX {
             return Ok(Some(Round {
                 log_frames: log,
-                caught_up: done >= log,
+                behind,
                 held_writers: false,
             }));
         }
@@ -83,27 +126,31 @@ impl Checkpointer {
         if inner.in_batch {
             store.commit_batch(&mut inner)?;
         }
-        let (log, done) = passive(&inner.conn).map_err(|e| map(what, e))?;
-        if done < log {
-            return Err(StoreError::Unavailable(format!(
-                "{what}: {} of {log} frames could not be copied (a reader holds them)",
-                log - done
-            )));
-        }
+        let Some((log, done)) = passive(&inner.conn).map_err(|e| map(what, e))? else {
+            return Ok(Some(Round {
+                log_frames: log,
+                behind,
+                held_writers: false,
+            }));
+        };
+        self.last.set((log, log.saturating_sub(done)));
         Ok(Some(Round {
             log_frames: log,
-            caught_up: true,
+            behind: log.saturating_sub(done),
             held_writers: true,
         }))
     }
 }
 
-/// A PASSIVE checkpoint: (frames in the log, frames copied into the database file).
-fn passive(conn: &Connection) -> rusqlite::Result<(u64, u64)> {
+/// A PASSIVE checkpoint: (frames in the log, frames copied into the database file), or `None`
+/// when it could not start (another connection held the checkpoint lock, as one closing does).
+fn passive(conn: &Connection) -> rusqlite::Result<Option<(u64, u64)>> {
     conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
         let log: i64 = r.get(1)?;
         let done: i64 = r.get(2)?;
-        Ok((log.max(0) as u64, done.max(0) as u64))
+        Ok(u64::try_from(log)
+            .ok()
+            .map(|log| (log, u64::try_from(done).unwrap_or(0))))
     })
 }
 
