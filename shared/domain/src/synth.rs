@@ -82,6 +82,8 @@ pub enum Case {
     Clean,
     ControlledWithDea,
     ControlledWithoutDea,
+    /// A controlled substance by a prescriber whose DEA number fails its check digit.
+    ControlledBadDea,
     ScheduleIiWithRefills,
     ScheduleIiiIvExcessRefills,
     ControlledMissingQuantity,
@@ -120,10 +122,11 @@ pub enum Expected {
 }
 
 impl Case {
-    pub const ALL: [Case; 20] = [
+    pub const ALL: [Case; 21] = [
         Case::Clean,
         Case::ControlledWithDea,
         Case::ControlledWithoutDea,
+        Case::ControlledBadDea,
         Case::ScheduleIiWithRefills,
         Case::ScheduleIiiIvExcessRefills,
         Case::ControlledMissingQuantity,
@@ -148,6 +151,7 @@ impl Case {
             Case::Clean => "clean",
             Case::ControlledWithDea => "controlled-with-dea",
             Case::ControlledWithoutDea => "controlled-without-dea",
+            Case::ControlledBadDea => "controlled-bad-dea",
             Case::ScheduleIiWithRefills => "schedule-ii-with-refills",
             Case::ScheduleIiiIvExcessRefills => "schedule-iii-iv-excess-refills",
             Case::ControlledMissingQuantity => "controlled-missing-quantity",
@@ -178,6 +182,7 @@ impl Case {
         match self {
             Case::Clean | Case::ControlledWithDea => Dispensable,
             Case::ControlledWithoutDea => Reason("dea-required"),
+            Case::ControlledBadDea => Reason("dea-invalid"),
             Case::ScheduleIiWithRefills => Reason("schedule-ii-refills"),
             Case::ScheduleIiiIvExcessRefills => Reason("refills-exceed-limit"),
             Case::ControlledMissingQuantity => Reason("quantity-required"),
@@ -214,9 +219,9 @@ pub fn planned_case(order: &Value) -> Option<(Case, Role)> {
         })
 }
 
-/// The 24 planned slots of a block, in slot order: pair setups first, then single cases, then
+/// The 25 planned slots of a block, in slot order: pair setups first, then single cases, then
 /// pair triggers (about 95 slots after their setups).
-const SLOTS: [(Case, Role); 24] = [
+const SLOTS: [(Case, Role); 25] = [
     (Case::OpioidBenzodiazepine, Role::Setup),
     (Case::OncInteraction, Role::Setup),
     (Case::WarfarinInteraction, Role::Setup),
@@ -224,6 +229,7 @@ const SLOTS: [(Case, Role); 24] = [
     (Case::EarlyRefill, Role::Setup),
     (Case::ControlledWithDea, Role::Trigger),
     (Case::ControlledWithoutDea, Role::Trigger),
+    (Case::ControlledBadDea, Role::Trigger),
     (Case::ScheduleIiWithRefills, Role::Trigger),
     (Case::ScheduleIiiIvExcessRefills, Role::Trigger),
     (Case::ControlledMissingQuantity, Role::Trigger),
@@ -364,6 +370,8 @@ const PEANUT_ALLERGY: usize = 13;
 enum Kind {
     WithDea,
     WithoutDea,
+    /// A DEA number on file whose check digit is off (only controlled orders look at it).
+    BadDea,
     BadNpi,
 }
 
@@ -371,6 +379,7 @@ fn prescriber_kind(r: usize) -> Kind {
     match r % 10 {
         9 => Kind::BadNpi,
         7 | 8 => Kind::WithoutDea,
+        6 => Kind::BadDea,
         _ => Kind::WithDea,
     }
 }
@@ -389,15 +398,17 @@ fn npi(seed: u64, r: usize, bad: bool) -> String {
 }
 
 /// A DEA number that passes the format and check-digit test: registrant letter (F practitioner,
-/// M mid-level), the family-name initial, six digits and the check digit.
-fn dea(rng: &mut Rng, family: &str) -> String {
+/// M mid-level), the family-name initial, six digits and the check digit (with `bad`, a check
+/// digit off by one).
+fn dea(rng: &mut Rng, family: &str, bad: bool) -> String {
     let letter = if rng.below(5) == 0 { 'M' } else { 'F' };
     let initial = family.chars().next().unwrap_or('X').to_ascii_uppercase();
     let digits = format!("{:06}", rng.below(1_000_000));
-    (0..10u8)
-        .map(|d| format!("{letter}{initial}{digits}{d}"))
-        .find(|n| parse_dea(n).is_ok())
-        .unwrap_or_else(|| format!("{letter}{initial}{digits}0"))
+    let check = (0..10u8)
+        .find(|d| parse_dea(&format!("{letter}{initial}{digits}{d}")).is_ok())
+        .unwrap_or(0);
+    let check = if bad { (check + 1) % 10 } else { check };
+    format!("{letter}{initial}{digits}{check}")
 }
 
 fn name(rng: &mut Rng) -> (String, String) {
@@ -436,7 +447,7 @@ fn practitioner(seed: u64, r: usize) -> Value {
         identifiers.push(json!({
             "type": { "coding": [{ "system": V2_0203, "code": "DEA", "display": "Drug Enforcement Administration registration number" }] },
             "system": DEA_SYSTEM,
-            "value": dea(&mut rng, &family),
+            "value": dea(&mut rng, &family, kind == Kind::BadDea),
         }));
     }
     json!({
@@ -557,6 +568,7 @@ struct Plan<'a> {
     penicillin_patients: Vec<usize>,
     prescribers_with_dea: Vec<usize>,
     prescribers_without_dea: Vec<usize>,
+    prescribers_bad_dea: Vec<usize>,
     prescribers_bad_npi: Vec<usize>,
     prescribers_good_npi: Vec<usize>,
 }
@@ -780,6 +792,7 @@ impl<'a> Plan<'a> {
             penicillin_patients: group(PENICILLIN_ALLERGY),
             prescribers_with_dea: kind(Kind::WithDea),
             prescribers_without_dea: kind(Kind::WithoutDea),
+            prescribers_bad_dea: kind(Kind::BadDea),
             prescribers_bad_npi: kind(Kind::BadNpi),
             prescribers_good_npi: (0..prescribers)
                 .filter(|r| prescriber_kind(*r) != Kind::BadNpi)
@@ -897,6 +910,11 @@ impl<'a> Plan<'a> {
             (Case::ControlledWithoutDea, _) => {
                 let p = self.rotate(&self.controlled, block, 1)?;
                 let r = self.prescriber(&self.prescribers_without_dea, rng);
+                rx(p, r, short(p))
+            }
+            (Case::ControlledBadDea, _) => {
+                let p = self.rotate(&self.controlled, block, 4)?;
+                let r = self.prescriber(&self.prescribers_bad_dea, rng);
                 rx(p, r, short(p))
             }
             (Case::ScheduleIiWithRefills, _) => {
@@ -1076,7 +1094,8 @@ mod tests {
     fn generated_dea_numbers_pass_the_check_digit() {
         let mut rng = Rng::for_item(1, 0, 0);
         for _ in 0..50 {
-            assert!(parse_dea(&dea(&mut rng, "Kestrel")).is_ok());
+            assert!(parse_dea(&dea(&mut rng, "Kestrel", false)).is_ok());
+            assert!(parse_dea(&dea(&mut rng, "Kestrel", true)).is_err());
         }
     }
 
