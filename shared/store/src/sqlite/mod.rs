@@ -255,6 +255,21 @@ impl SqliteStore {
     /// The check value stored under `name`, storing `value` if there is none yet. Returns what
     /// was stored before (so the caller can compare), `None` on first use.
     pub fn check_value(&self, name: &str, value: &[u8]) -> StoreResult<Option<Vec<u8>>> {
+        // Every open after the first finds it: read without the write lock, so that a command
+        // that only reads (`rxflow audit events`, `verify`) does not queue behind the writer of
+        // a busy server.
+        let stored: Option<Vec<u8>> = self.read(
+            |conn, _| {
+                conn.query_row("SELECT value FROM meta WHERE name = ?1", [name], |r| {
+                    r.get(0)
+                })
+                .optional()
+            },
+            "reading a key check value",
+        )?;
+        if stored.is_some() {
+            return Ok(stored);
+        }
         self.unit("recording a key check value", |conn, _, _| {
             let found: Option<Vec<u8>> = conn
                 .query_row("SELECT value FROM meta WHERE name = ?1", [name], |r| {
