@@ -541,6 +541,55 @@ async fn a_refused_submission_writes_nothing() {
     s.stop().await;
 }
 
+/// The same MedicationRequest twice in one Bundle is one order: stored once, taken on through
+/// validation and review. Before, the repeat's insert lost on the order's own key: 409, with the
+/// first copy already stored and never announced (left `received`). Two different orders under
+/// one id are refused before anything is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_order_twice_in_a_bundle_is_taken_once() {
+    let s = TestServer::start().await;
+    let pump = Who::prescriber("dr-pump", DR_PUMP);
+    let mut b = lisinopril("pat-twice", DR_PUMP);
+    let repeat = b["entry"][2].clone();
+    entries(&mut b).push(repeat.clone());
+    let r = s.as_who(&pump, "POST", "/prescriptions", Some(&b)).await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let locations: Vec<&Value> = r.json["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| &e["response"]["location"])
+        .collect();
+    assert_eq!(locations.len(), 2, "{}", r.text);
+    assert_eq!(locations[0], locations[1], "{}", r.text);
+    let id = locations[0]
+        .as_str()
+        .and_then(|l| l.rsplit('/').next())
+        .unwrap()
+        .to_string();
+    s.wait_for(TENANT, &id, Status::AwaitingVerification).await;
+    let rph = Who::pharmacist("rph-twice");
+    let list = s
+        .as_who(&rph, "GET", "/patients/pat-twice/prescriptions", None)
+        .await;
+    assert_eq!(list.json["total"], 1, "{}", list.text);
+
+    let before = s.events_of("dr-pump").await.len();
+    let mut b = lisinopril("pat-twice-2", DR_PUMP);
+    let mut other = b["entry"][2].clone();
+    other["resource"]["dispenseRequest"]["quantity"]["value"] = json!(60);
+    entries(&mut b).push(other);
+    let r = s.as_who(&pump, "POST", "/prescriptions", Some(&b)).await;
+    r.assert_outcome(400);
+    assert!(r.text.contains("MedicationRequest"), "{}", r.text);
+    let wrote = s.events_of("dr-pump").await[before..]
+        .iter()
+        .filter(|e| matches!(e.action, AuditAction::Create | AuditAction::Update))
+        .count();
+    assert_eq!(wrote, 0);
+    s.stop().await;
+}
+
 /// A submission carries at most rx_fn_intake::MAX_ENTRIES entries: a Bundle of thousands of
 /// allergies (each rewrites the patient's file) is refused before any is written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

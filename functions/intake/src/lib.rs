@@ -85,6 +85,22 @@ pub async fn submit(
     }
     let mut out = IntakeOutput::default();
     for plan in planned {
+        // The same order twice in one submission (check_entries refused two that differ) is
+        // stored once; its repeat is answered as the redelivery it is.
+        if let Plan::New(order, _) = &plan {
+            let first = order.source_id.as_deref().and_then(|sid| {
+                out.accepted
+                    .iter()
+                    .find(|a| a.source_id.as_deref() == Some(sid))
+            });
+            if let Some(first) = first {
+                out.accepted.push(Accepted {
+                    duplicate: true,
+                    ..first.clone()
+                });
+                continue;
+            }
+        }
         let (accepted, event) = store_order(svc, cx, tenant, plan).await?;
         out.accepted.push(accepted);
         out.events.extend(event);
@@ -108,7 +124,7 @@ fn check_entries(s: &Submission) -> Result<(), StepError> {
             expression: Some("Bundle.entry".into()),
         });
     }
-    // Two different entries for one patient or prescriber would leave which one an order means
+    // Two different entries for one patient, prescriber or order would leave which one is meant
     // to chance (and a twin of one's own Practitioner could carry another prescriber's NPI).
     // The same entry twice (an integration engine joining per-order Bundles repeats them, each
     // under its own fullUrl) is one.
@@ -133,6 +149,14 @@ fn check_entries(s: &Submission) -> Result<(), StepError> {
     });
     if doubled {
         return Err(twice("Patient", "an id"));
+    }
+    let doubled = s.orders.iter().enumerate().any(|(i, a)| {
+        s.orders[i + 1..]
+            .iter()
+            .any(|b| a.source_id.is_some() && a.source_id == b.source_id && a != b)
+    });
+    if doubled {
+        return Err(twice("MedicationRequest", "an id"));
     }
     let ordered = |patient_ref: &str| s.orders.iter().any(|o| o.patient_ref == patient_ref);
     if !s.patients.iter().all(|p| ordered(&p.source_id)) {
