@@ -409,10 +409,7 @@ fn spawn_checkpointer(store: &Arc<SqliteStore>) -> Result<Stoppable, ServeError>
         // Whether the operator has been told that a reader holds the log back.
         let mut held_back = false;
         loop {
-            let last = !matches!(
-                stopped.recv_timeout(CHECKPOINT_EVERY),
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout)
-            );
+            let last = stop_asked(&stopped, Some(CHECKPOINT_EVERY));
             match checkpointer.round() {
                 Ok(Some(round)) => {
                     if !held_back && round.log_frames >= CHECKPOINT_HELD_BACK_AT {
@@ -439,6 +436,21 @@ fn spawn_checkpointer(store: &Arc<SqliteStore>) -> Result<Stoppable, ServeError>
             }
         }
     })
+}
+
+/// Waits `wait` (for ever with `None`) and says whether the stop came meanwhile: a message, or
+/// the [`Stoppable`] handle gone.
+fn stop_asked(stopped: &std::sync::mpsc::Receiver<()>, wait: Option<Duration>) -> bool {
+    match wait {
+        Some(wait) => !matches!(
+            stopped.recv_timeout(wait),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+        ),
+        None => {
+            let _ = stopped.recv();
+            true
+        }
+    }
 }
 
 /// A background thread that runs until told to stop (or until its handle is dropped).
@@ -522,16 +534,7 @@ fn spawn_audit_sealer(
         };
         let mut events = None;
         loop {
-            let last = match every {
-                Some(every) => !matches!(
-                    stopped.recv_timeout(every),
-                    Err(std::sync::mpsc::RecvTimeoutError::Timeout)
-                ),
-                None => {
-                    let _ = stopped.recv();
-                    true
-                }
-            };
+            let last = stop_asked(&stopped, every);
             seal_now(&rt, &data_dir, &store, &mut events, last);
             if last {
                 break;

@@ -52,9 +52,9 @@ pub struct Checkpointer {
     store: Weak<SqliteStore>,
     /// Log length, in frames, past which a round holds the writers to catch up.
     restart_at: u64,
-    /// What the last round that ran found (log frames, frames behind): a round that could not
-    /// start (another connection was checkpointing) reports it again.
-    last: Cell<(u64, u64)>,
+    /// What the last checkpoint that ran found: a round that could not start (another
+    /// connection was checkpointing) reports it again.
+    last: Cell<Round>,
 }
 
 impl SqliteStore {
@@ -87,7 +87,11 @@ impl SqliteStore {
             conn,
             store: Arc::downgrade(self),
             restart_at: restart_at.max(1),
-            last: Cell::new((0, 0)),
+            last: Cell::new(Round {
+                log_frames: 0,
+                behind: 0,
+                held_writers: false,
+            }),
         })
     }
 }
@@ -103,42 +107,38 @@ impl Checkpointer {
         let Some(store) = self.store.upgrade() else {
             return Ok(None);
         };
-        let Some((log, done)) = passive(&self.conn).map_err(|e| map("checkpointing the log", e))?
-        else {
-            let (log_frames, behind) = self.last.get();
+        let Some(copied) = passive(&self.conn).map_err(|e| map("checkpointing the log", e))? else {
             return Ok(Some(Round {
-                log_frames,
-                behind,
                 held_writers: false,
+                ..self.last.get()
             }));
         };
-        let behind = log.saturating_sub(done);
-        self.last.set((log, behind));
-        if log < self.restart_at || behind > HELD_COPY_MAX {
-            return Ok(Some(Round {
-                log_frames: log,
-                behind,
-                held_writers: false,
-            }));
+        let round = self.record(copied, false);
+        if round.log_frames < self.restart_at || round.behind > HELD_COPY_MAX {
+            return Ok(Some(round));
         }
         let what = "checkpointing the log with the writers held";
         let mut inner = store.lock();
         if inner.in_batch {
             store.commit_batch(&mut inner)?;
         }
-        let Some((log, done)) = passive(&inner.conn).map_err(|e| map(what, e))? else {
-            return Ok(Some(Round {
-                log_frames: log,
-                behind,
-                held_writers: false,
-            }));
-        };
-        self.last.set((log, log.saturating_sub(done)));
-        Ok(Some(Round {
+        Ok(Some(
+            match passive(&inner.conn).map_err(|e| map(what, e))? {
+                Some(copied) => self.record(copied, true),
+                None => round,
+            },
+        ))
+    }
+
+    /// The round a checkpoint's (log, copied) figures make, kept as the last one seen.
+    fn record(&self, (log, done): (u64, u64), held_writers: bool) -> Round {
+        let round = Round {
             log_frames: log,
             behind: log.saturating_sub(done),
-            held_writers: true,
-        }))
+            held_writers,
+        };
+        self.last.set(round);
+        round
     }
 }
 

@@ -258,25 +258,17 @@ impl SqliteStore {
         // Every open after the first finds it: read without the write lock, so that a command
         // that only reads (`rxflow audit events`, `verify`) does not queue behind the writer of
         // a busy server.
-        let stored: Option<Vec<u8>> = self.read(
-            |conn, _| {
-                conn.query_row("SELECT value FROM meta WHERE name = ?1", [name], |r| {
-                    r.get(0)
-                })
-                .optional()
-            },
+        let stored = self.read(
+            |conn, _| stored_check_value(conn, name),
             "reading a key check value",
         )?;
         if stored.is_some() {
             return Ok(stored);
         }
         self.unit("recording a key check value", |conn, _, _| {
-            let found: Option<Vec<u8>> = conn
-                .query_row("SELECT value FROM meta WHERE name = ?1", [name], |r| {
-                    r.get(0)
-                })
-                .optional()
-                .map_err(|e| map("reading a key check value", e))?;
+            // Another process may have recorded it since the read above.
+            let found =
+                stored_check_value(conn, name).map_err(|e| map("reading a key check value", e))?;
             if found.is_none() {
                 conn.execute(
                     "INSERT INTO meta (name, value) VALUES (?1, ?2)",
@@ -512,6 +504,14 @@ impl Drop for SqliteStore {
             );
         }
     }
+}
+
+/// The check value stored under `name`, if any.
+fn stored_check_value(conn: &Connection, name: &str) -> rusqlite::Result<Option<Vec<u8>>> {
+    conn.query_row("SELECT value FROM meta WHERE name = ?1", [name], |r| {
+        r.get(0)
+    })
+    .optional()
 }
 
 #[cfg(unix)]
