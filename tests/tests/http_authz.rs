@@ -380,6 +380,14 @@ fn entries(b: &mut Value) -> &mut Vec<Value> {
 }
 
 /// The writes `subject` made to Patient records since the trail had `since` of their events.
+/// Records of any kind `subject` created or updated since their `since`-th event.
+async fn writes(s: &TestServer, subject: &str, since: usize) -> usize {
+    s.events_of(subject).await[since..]
+        .iter()
+        .filter(|e| matches!(e.action, AuditAction::Create | AuditAction::Update))
+        .count()
+}
+
 async fn patient_writes(s: &TestServer, subject: &str, since: usize) -> usize {
     s.events_of(subject).await[since..]
         .iter()
@@ -481,11 +489,7 @@ async fn a_bundle_cannot_carry_a_practitioner_its_orders_do_not_name() {
     let r = s.as_who(&pump, "POST", "/prescriptions", Some(&b)).await;
     r.assert_outcome(400);
     assert!(r.text.contains("share"), "{}", r.text);
-    let wrote = s.events_of("dr-pump").await[before..]
-        .iter()
-        .filter(|e| matches!(e.action, AuditAction::Create | AuditAction::Update))
-        .count();
-    assert_eq!(wrote, 0);
+    assert_eq!(writes(&s, "dr-pump", before).await, 0);
 
     // The same Patient and Practitioner twice, each copy under its own fullUrl (an integration
     // engine joining per-order Bundles): one entry each, accepted.
@@ -582,11 +586,7 @@ async fn the_same_order_twice_in_a_bundle_is_taken_once() {
     let r = s.as_who(&pump, "POST", "/prescriptions", Some(&b)).await;
     r.assert_outcome(400);
     assert!(r.text.contains("MedicationRequest"), "{}", r.text);
-    let wrote = s.events_of("dr-pump").await[before..]
-        .iter()
-        .filter(|e| matches!(e.action, AuditAction::Create | AuditAction::Update))
-        .count();
-    assert_eq!(wrote, 0);
+    assert_eq!(writes(&s, "dr-pump", before).await, 0);
     s.stop().await;
 }
 
