@@ -5,10 +5,10 @@
 
 mod sqlite_support;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rx_store::sqlite::SqliteStore;
+use rx_store::sqlite::{Checkpointer, SqliteStore};
 use rx_store::{RecordStore, Table};
 use sqlite_support::*;
 
@@ -18,6 +18,17 @@ fn wal_file_frames(db: &Path) -> u64 {
     let wal = db.with_extension("db-wal");
     let len = std::fs::metadata(wal).map(|m| m.len()).unwrap_or(0);
     len.saturating_sub(32) / (4096 + 24)
+}
+
+/// A store as `rxflow serve` runs it (group commit) with its checkpoints moved to a
+/// checkpointer bounded at `bound` frames; the temp dir and the database file's path.
+fn server_store(bound: u64) -> (tempfile::TempDir, PathBuf, Arc<SqliteStore>, Checkpointer) {
+    let (dir, store) = open_temp();
+    let db = dir.path().join("rx.db");
+    let store = Arc::new(store);
+    store.group_commit(true);
+    let checkpointer = store.checkpoint_separately(bound).unwrap();
+    (dir, db, store, checkpointer)
 }
 
 async fn commit_orders(store: &SqliteStore, from: usize, to: usize) {
@@ -32,10 +43,7 @@ async fn commit_orders(store: &SqliteStore, from: usize, to: usize) {
 
 #[tokio::test]
 async fn commits_leave_the_log_to_the_checkpointer() {
-    let (_dir, store) = open_temp();
-    let store = Arc::new(store);
-    store.group_commit(true);
-    let checkpointer = store.checkpoint_separately(1_000_000).unwrap();
+    let (_dir, _db, store, checkpointer) = server_store(1_000_000);
     commit_orders(&store, 0, 400).await;
     // SQLite's own checkpoint would have run inside a COMMIT at 1,000 frames and restarted the
     // log; now the log holds every frame until a round copies it.
@@ -49,12 +57,8 @@ async fn commits_leave_the_log_to_the_checkpointer() {
 
 #[tokio::test]
 async fn past_its_bound_the_log_starts_again_and_nothing_is_lost() {
-    let (dir, store) = open_temp();
-    let db = dir.path().join("rx.db");
-    let store = Arc::new(store);
-    store.group_commit(true);
     const BOUND: u64 = 300;
-    let checkpointer = store.checkpoint_separately(BOUND).unwrap();
+    let (_dir, db, store, checkpointer) = server_store(BOUND);
     let mut held = 0;
     let mut longest = 0;
     for chunk in 0..40 {
@@ -105,12 +109,8 @@ async fn a_round_after_the_store_is_closed_does_nothing() {
 
 #[tokio::test]
 async fn a_reader_mid_read_is_waited_out_never_copied_around_with_the_writers_held() {
-    let (dir, store) = open_temp();
-    let db = dir.path().join("rx.db");
-    let store = Arc::new(store);
-    store.group_commit(true);
     const BOUND: u64 = 100;
-    let checkpointer = store.checkpoint_separately(BOUND).unwrap();
+    let (_dir, db, store, checkpointer) = server_store(BOUND);
     commit_orders(&store, 0, 5).await;
     // A reader (a report, `rxflow audit verify`) in the middle of a read keeps its snapshot.
     let reader = rusqlite::Connection::open(&db).unwrap();
