@@ -13,7 +13,7 @@ use rx_platform::config::Config;
 use rx_platform::StepError;
 
 use crate::bulk::{BadLine, BulkError, Export};
-use crate::pipeline::{Pipeline, TimeMode};
+use crate::pipeline::{Lanes, OrderOutcome, Pipeline, TimeMode};
 use crate::report::Report;
 
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +46,8 @@ pub struct RunOptions {
     pub config: Config,
     pub verify_as: Option<String>,
     pub json: bool,
+    /// Orders kept in flight at once ([`crate::pipeline::Lanes`]).
+    pub in_flight: usize,
 }
 
 fn progress(len: u64, json: bool) -> ProgressBar {
@@ -118,10 +120,10 @@ pub async fn run(input: &Path, replay: bool, opts: RunOptions) -> Result<Ended, 
     // made); bad lines are kept (sealed) once the scan is done.
     let mut bad_lines = Vec::new();
     let export = Export::scan(input, |b| bad_lines.push(b))?;
-    let mut p = Pipeline::open(&opts.config, time, "run", opts.verify_as.as_deref())?;
+    let p = Pipeline::open(&opts.config, time, "run", opts.verify_as.as_deref())?;
     let mut report = Report::new(opts.json, opts.config.data_dir.display().to_string());
     report.audit_events_written = audit_len(&p).await?;
-    p.tick_batch()?;
+    p.tick_batch().await?;
     for b in &bad_lines {
         quarantine(&p, b, &mut report).await?;
     }
@@ -138,7 +140,7 @@ pub async fn run(input: &Path, replay: bool, opts: RunOptions) -> Result<Ended, 
         }
     }
     // The directory is durable before any order is judged against it.
-    p.flush()?;
+    p.flush().await?;
     report.skipped_resources = export.skipped.iter().cloned().collect();
 
     if !opts.json {
@@ -152,33 +154,33 @@ pub async fn run(input: &Path, replay: bool, opts: RunOptions) -> Result<Ended, 
     }
     suspend_audit_search(&p, export.order_count())?;
     let bar = progress(export.order_count() as u64, opts.json);
+    let mut lanes = Lanes::new(&p, opts.in_flight);
     for item in export.orders() {
         match item? {
             Ok(line) => {
                 let mut order = line.order;
-                if replay {
-                    if let Some(at) = order.authored_on {
-                        p.set_time(at);
-                    }
+                let at = if replay {
                     // Submitted as a new order written at its authoredOn: whatever became of it
                     // later (stopped, completed) is not known yet.
                     order.status = "active".into();
+                    order.authored_on
+                } else {
+                    None
+                };
+                let ended = lanes.push(order, at, line.bad).await?;
+                for (outcome, bad) in ended {
+                    ran(&p, outcome, bad, &mut report).await?;
+                    bar.inc(1);
                 }
-                let outcome = p.submit(order).await?;
-                if outcome.rx_id.is_none() {
-                    // Intake refused it: say where, and keep the line.
-                    let mut bad = line.bad;
-                    bad.error = outcome
-                        .reasons
-                        .first()
-                        .map(|r| r.message.clone())
-                        .unwrap_or_default();
-                    quarantine(&p, &bad, &mut report).await?;
-                }
-                report.add(outcome);
             }
-            Err(bad) => quarantine(&p, &bad, &mut report).await?,
+            Err(bad) => {
+                quarantine(&p, &bad, &mut report).await?;
+                bar.inc(1);
+            }
         }
+    }
+    for (outcome, bad) in lanes.finish().await? {
+        ran(&p, outcome, bad, &mut report).await?;
         bar.inc(1);
     }
     bar.finish_and_clear();
@@ -192,6 +194,26 @@ pub async fn run(input: &Path, replay: bool, opts: RunOptions) -> Result<Ended, 
         ));
     }
     finish(p, report, started, opts.json).await
+}
+
+/// One order's outcome into the report; an order intake refused is said where it was, and its
+/// line kept.
+async fn ran(
+    p: &Pipeline,
+    outcome: OrderOutcome,
+    mut bad: BadLine,
+    report: &mut Report,
+) -> Result<(), StepError> {
+    if outcome.rx_id.is_none() {
+        bad.error = outcome
+            .reasons
+            .first()
+            .map(|r| r.message.clone())
+            .unwrap_or_default();
+        quarantine(p, &bad, report).await?;
+    }
+    report.add(outcome);
+    Ok(())
 }
 
 /// Audit events a bulk run writes per order, about (each step reads and writes it).
@@ -217,7 +239,7 @@ pub async fn demo(seed: u64, orders: usize, opts: RunOptions) -> Result<Ended, C
     if orders == 0 {
         return Err(CommandError::Usage("--orders must be at least 1".into()));
     }
-    let mut p = Pipeline::open(
+    let p = Pipeline::open(
         &opts.config,
         TimeMode::AsWritten,
         "demo",
@@ -239,7 +261,7 @@ pub async fn demo(seed: u64, orders: usize, opts: RunOptions) -> Result<Ended, C
     }
     let started = Instant::now();
     p.set_time(cfg.start);
-    p.tick_batch()?;
+    p.tick_batch().await?;
     for v in cohort
         .practitioners
         .iter()
@@ -249,15 +271,19 @@ pub async fn demo(seed: u64, orders: usize, opts: RunOptions) -> Result<Ended, C
         let r = fhir::parse_resource(v).map_err(StepError::from)?;
         register(&p, r).await?;
     }
-    p.flush()?;
+    p.flush().await?;
     suspend_audit_search(&p, orders)?;
     let bar = progress(orders as u64, opts.json);
+    let mut lanes = Lanes::new(&p, opts.in_flight);
     for v in synth::orders(&cfg, &cohort) {
         let order = fhir::parse_medication_request(&v).map_err(StepError::from)?;
-        if let Some(at) = order.authored_on {
-            p.set_time(at);
+        let at = order.authored_on;
+        for (outcome, ()) in lanes.push(order, at, ()).await? {
+            report.add(outcome);
+            bar.inc(1);
         }
-        let outcome = p.submit(order).await?;
+    }
+    for (outcome, ()) in lanes.finish().await? {
         report.add(outcome);
         bar.inc(1);
     }
@@ -326,12 +352,13 @@ pub fn generate(seed: u64, orders: usize, out: &Path) -> Result<(), CommandError
 }
 
 async fn finish(
-    mut p: Pipeline,
+    p: Pipeline,
     mut report: Report,
     started: Instant,
     json: bool,
 ) -> Result<Ended, CommandError> {
-    p.flush()?;
+    p.flush().await?;
+    p.stop_store_thread();
     p.emb.store.resume_audit_search().map_err(StepError::from)?;
     report.finish(started.elapsed(), p.services().vault.sealer.stats());
     // Seal what the run wrote into a signed checkpoint, then check the whole trail.

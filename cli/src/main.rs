@@ -13,6 +13,7 @@ macro_rules! out {
     }};
 }
 use rxflow::commands::{self, CommandError, Ended, RunOptions};
+use rxflow::pipeline::IN_FLIGHT;
 
 #[derive(Parser)]
 #[command(
@@ -30,6 +31,13 @@ struct DataDirArg {
     /// Data directory (store, keys, audit trail); created on first use. Default: ./rxflow-data
     #[arg(long, env = "RXFLOW_DATA_DIR")]
     data_dir: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Clone)]
+struct InFlightArg {
+    /// Orders kept in flight at once, each patient's in the order given (1: one at a time).
+    #[arg(long, default_value_t = IN_FLIGHT as u16, value_parser = clap::value_parser!(u16).range(1..=256))]
+    in_flight: u16,
 }
 
 #[derive(Subcommand)]
@@ -51,6 +59,8 @@ enum Command {
         /// Print the report as one JSON object.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        flight: InFlightArg,
     },
     /// Load a FHIR R4 bulk export (folder of .ndjson files) and send its orders through every
     /// step in authoredOn order.
@@ -70,6 +80,8 @@ enum Command {
         /// Print the report as one JSON object.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        flight: InFlightArg,
     },
     /// Write the synthetic cohort as a bulk export (NDJSON files) for `rxflow run --replay`
     /// (its orders are dated from 2025-01-06, so a run as of today finds them expired).
@@ -237,11 +249,13 @@ async fn run(command: Command) -> Result<ExitCode, CommandError> {
             orders,
             verify_as,
             json,
+            flight,
         } => {
             let opts = RunOptions {
                 config: commands::config_for(data.data_dir)?,
                 verify_as: Some(verify_as),
                 json,
+                in_flight: flight.in_flight.into(),
             };
             commands::demo(seed, orders, opts).await.map(ended)
         }
@@ -251,11 +265,13 @@ async fn run(command: Command) -> Result<ExitCode, CommandError> {
             data,
             verify_as,
             json,
+            flight,
         } => {
             let opts = RunOptions {
                 config: commands::config_for(data.data_dir)?,
                 verify_as,
                 json,
+                in_flight: flight.in_flight.into(),
             };
             commands::run(&input, replay, opts).await.map(ended)
         }

@@ -5,11 +5,16 @@
 //! At-least-once, as on SQS or a Knative Broker: a step that fails transiently is retried with the
 //! same event, and every step is idempotent under redelivery.
 
-use std::collections::VecDeque;
+use std::cell::Cell;
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use futures::stream::{FuturesOrdered, StreamExt};
 use rx_domain::{AlertKind, MedicationOrder, Severity, Status};
 use rx_guard::access::{Principal, Role};
 use rx_guard::audit::{Actor, Purpose};
@@ -19,6 +24,7 @@ use rx_platform::flow::{load_rx, Rx};
 use rx_platform::services::{Embedded, SetupError};
 use rx_platform::{Clock, ManualClock, Services, StepError, SystemClock};
 use rx_store::repo::AuditCtx;
+use rx_store::sqlite::{Spin, StoreThread};
 use serde::Serialize;
 
 /// How many times a step is tried on a transient failure before the order is left where it is.
@@ -120,13 +126,17 @@ pub enum TimeMode {
 }
 
 /// The embedded pipeline over one data directory.
+///
+/// The steps reach the store through a [`StoreThread`], so SQLite runs on a thread of its own
+/// while the steps of other orders run on the caller's ([`Lanes`] keeps several in flight).
 pub struct Pipeline {
     pub emb: Embedded,
     clock: Option<Arc<ManualClock>>,
     pub tenant: String,
     operator: AuditCtx,
     pharmacist: Option<Principal>,
-    in_batch: u32,
+    in_batch: Cell<u32>,
+    front: Arc<StoreThread>,
 }
 
 /// Change sets per durable commit in a bulk run.
@@ -146,7 +156,13 @@ impl Pipeline {
                 (Some(c.clone()), c)
             }
         };
-        let emb = Embedded::open(config, svc_clock)?;
+        let mut emb = Embedded::open(config, svc_clock)?;
+        let front = StoreThread::spawn(emb.store.clone()).map_err(|e| SetupError::Store {
+            path: emb.store.path().display().to_string(),
+            source: rx_store::StoreError::Unavailable(format!("cannot start its thread: {e}")),
+        })?;
+        let front = Arc::new(front);
+        emb.services.vault.store = front.clone();
         let tenant = config.tenant.clone();
         let operator = AuditCtx {
             actor: Actor {
@@ -175,7 +191,8 @@ impl Pipeline {
             tenant,
             operator,
             pharmacist,
-            in_batch: 0,
+            in_batch: Cell::new(0),
+            front,
         })
     }
 
@@ -195,44 +212,69 @@ impl Pipeline {
         }
     }
 
-    /// Group change sets into one durable transaction every [`BATCH`] calls (bulk runs).
-    pub fn tick_batch(&mut self) -> Result<(), StepError> {
-        if self.in_batch == 0 {
-            self.emb.store.begin_batch()?;
+    /// Group change sets into one durable transaction every [`BATCH`] calls (bulk runs). The
+    /// batch is opened and committed on the store's thread, between the jobs sent before and
+    /// after.
+    pub async fn tick_batch(&self) -> Result<(), StepError> {
+        if self.in_batch.get() == 0 {
+            self.front.run(|s| s.begin_batch()).await??;
         }
-        self.in_batch += 1;
-        if self.in_batch >= BATCH {
-            self.flush()?;
+        self.in_batch.set(self.in_batch.get() + 1);
+        if self.in_batch.get() >= BATCH {
+            self.flush().await?;
         }
         Ok(())
     }
 
     /// Make everything so far durable.
-    pub fn flush(&mut self) -> Result<(), StepError> {
-        if self.in_batch > 0 {
-            self.in_batch = 0;
-            self.emb.store.end_batch()?;
+    pub async fn flush(&self) -> Result<(), StepError> {
+        if self.in_batch.get() > 0 {
+            self.in_batch.set(0);
+            self.front.run(|s| s.end_batch()).await??;
         }
         Ok(())
     }
 
+    /// Stops the store's thread once nothing is in flight (what follows uses the store directly).
+    pub fn stop_store_thread(&self) {
+        self.front.stop();
+    }
+
+    /// The services one order's steps use: in [`TimeMode::AsWritten`], a clock of its own set
+    /// to when the order was written (orders in flight side by side each keep their own time).
+    fn order_services(&self, at: Option<DateTime<Utc>>) -> Services {
+        let mut svc = self.emb.services.clone();
+        if let (Some(_), Some(at)) = (&self.clock, at) {
+            svc.clock = Arc::new(ManualClock::new(at));
+        }
+        svc
+    }
+
     /// [`Pipeline::process`], with every refusal of the order itself as its outcome: `Err` only
     /// when the store or a key service fails (the run stops; rerunning resumes it).
-    pub async fn submit(&mut self, order: MedicationOrder) -> Result<OrderOutcome, StepError> {
+    pub async fn submit(
+        &self,
+        order: MedicationOrder,
+        at: Option<DateTime<Utc>>,
+    ) -> Result<OrderOutcome, StepError> {
         let source_id = order.source_id.clone();
-        match self.process(order).await {
+        match self.process(order, at).await {
             Err(e) if !e.is_transient() => Ok(refused(source_id, e)),
             other => other,
         }
     }
 
     /// Take one order from intake through the queue steps, then (with a pharmacist named)
-    /// verification and dispensing. `Err` only for failures that say nothing about the order
-    /// itself (the store or key service failing); a refused order is an `Ok` outcome.
-    pub async fn process(&mut self, order: MedicationOrder) -> Result<OrderOutcome, StepError> {
-        self.tick_batch()?;
+    /// verification and dispensing, judged as of `at` in [`TimeMode::AsWritten`]. `Err` only
+    /// for failures that say nothing about the order itself (the store or key service failing);
+    /// a refused order is an `Ok` outcome.
+    pub async fn process(
+        &self,
+        order: MedicationOrder,
+        at: Option<DateTime<Utc>>,
+    ) -> Result<OrderOutcome, StepError> {
         let source_id = order.source_id.clone();
-        let svc = self.emb.services.clone();
+        let svc = self.order_services(at);
         let tenant = self.tenant.clone();
         let submitted = with_retry(false, || {
             rx_fn_intake::submit_order(&svc, &self.operator, &tenant, order.clone())
@@ -261,7 +303,7 @@ impl Pipeline {
             if rx.status == Status::AwaitingVerification
                 && !rx.record.alerts.iter().any(|a| a.is_blocking())
             {
-                let (now, note) = self.verify_and_dispense(&p, &rx).await?;
+                let (now, note) = self.verify_and_dispense(&svc, &p, &rx).await?;
                 status = now.unwrap_or(status);
                 notes.extend(note);
             }
@@ -276,10 +318,10 @@ impl Pipeline {
     /// and comes back as a note saying why; only infrastructure failures are errors.
     async fn verify_and_dispense(
         &self,
+        svc: &Services,
         p: &Principal,
         rx: &Rx,
     ) -> Result<(Option<Status>, Option<ReasonOut>), StepError> {
-        let svc = &self.emb.services;
         let rx_id = rx.id();
         let approve: rx_fn_verify::VerifyRequest =
             serde_json::from_value(serde_json::json!({ "decision": "approve" }))
@@ -364,6 +406,107 @@ impl Pipeline {
             controlled: schedule.is_some(),
             schedule,
         }
+    }
+}
+
+/// Orders a bulk run keeps in flight at once: enough that the store's thread always has the
+/// next job while the steps of other orders run on the caller's thread (4, 8, 16 and 32 gave
+/// the same throughput on 10,000 orders; 1 was a third slower).
+pub const IN_FLIGHT: usize = 8;
+
+/// How long [`Lanes`] looks again for a finished step before it sleeps.
+const SPIN: Duration = Duration::from_millis(2);
+
+type Flight<'p, T> =
+    Pin<Box<dyn Future<Output = (Result<OrderOutcome, StepError>, Vec<String>, T)> + 'p>>;
+
+/// Several orders in flight through one [`Pipeline`], in lanes: an order waits while an earlier
+/// one of the same patient (or with the same source id) is still in flight, so each patient's
+/// orders are reviewed and filled in the order given, exactly as one at a time, while different
+/// patients' orders overlap. Outcomes come back in the order the orders went in; `T` is the
+/// caller's tag for each (its input line, say).
+pub struct Lanes<'p, T> {
+    p: &'p Pipeline,
+    width: usize,
+    flights: FuturesOrdered<Flight<'p, T>>,
+    busy: HashMap<String, u32>,
+}
+
+impl<'p, T: 'p> Lanes<'p, T> {
+    /// Lanes keeping at most `width` orders (at least one) in flight.
+    pub fn new(p: &'p Pipeline, width: usize) -> Self {
+        Lanes {
+            p,
+            width: width.max(1),
+            flights: FuturesOrdered::new(),
+            busy: HashMap::new(),
+        }
+    }
+
+    /// Sends `order` on its way (judged as of `at` when the run keeps business time), once there
+    /// is room and its lane is free. Returns the outcomes that ended meanwhile, in input order.
+    /// `Err` when the store or a key service failed (the run stops; rerunning resumes it).
+    pub async fn push(
+        &mut self,
+        order: MedicationOrder,
+        at: Option<DateTime<Utc>>,
+        tag: T,
+    ) -> Result<Vec<(OrderOutcome, T)>, StepError> {
+        let mut lanes = vec![format!("patient:{}", order.patient_ref)];
+        if let Some(id) = &order.source_id {
+            lanes.push(format!("source:{id}"));
+        }
+        let mut ended = Vec::new();
+        while self.flights.len() >= self.width || lanes.iter().any(|l| self.busy.contains_key(l)) {
+            match self.next().await? {
+                Some(done) => ended.push(done),
+                None => break,
+            }
+        }
+        self.p.tick_batch().await?;
+        for l in &lanes {
+            *self.busy.entry(l.clone()).or_default() += 1;
+        }
+        let p = self.p;
+        self.flights.push_back(Box::pin(
+            async move { (p.submit(order, at).await, lanes, tag) },
+        ));
+        Ok(ended)
+    }
+
+    /// Waits for every order in flight; their outcomes in input order.
+    pub async fn finish(mut self) -> Result<Vec<(OrderOutcome, T)>, StepError> {
+        let mut ended = Vec::new();
+        while let Some(done) = self.next().await? {
+            ended.push(done);
+        }
+        Ok(ended)
+    }
+
+    async fn next(&mut self) -> Result<Option<(OrderOutcome, T)>, StepError> {
+        // While every order in flight waits for the store's thread, look again for a while
+        // before sleeping: its answers come every few microseconds, and a sleeping thread
+        // costs the store's thread a wake-up call for each.
+        let mut spin = Spin::new(SPIN);
+        let next = std::future::poll_fn(|cx| loop {
+            match self.flights.poll_next_unpin(cx) {
+                Poll::Ready(done) => return Poll::Ready(done),
+                Poll::Pending if spin.again() => {}
+                Poll::Pending => return Poll::Pending,
+            }
+        });
+        let Some((outcome, lanes, tag)) = next.await else {
+            return Ok(None);
+        };
+        for l in lanes {
+            if let Some(n) = self.busy.get_mut(&l) {
+                *n -= 1;
+                if *n == 0 {
+                    self.busy.remove(&l);
+                }
+            }
+        }
+        Ok(Some((outcome?, tag)))
     }
 }
 

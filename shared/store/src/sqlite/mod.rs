@@ -22,8 +22,10 @@ mod checkpoint;
 mod columns;
 mod error;
 mod schema;
+mod thread;
 
 pub use checkpoint::{Checkpointer, Round};
+pub use thread::{Spin, StoreThread};
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
