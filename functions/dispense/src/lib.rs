@@ -265,10 +265,10 @@ async fn profile_update(
         .map(|d| d.body.clone())
         .unwrap_or_else(|| PatientFile::new(patient_ref));
     match file.profile.iter_mut().find(|e| e.rx_id == rx_id) {
-        Some(e) => e.last_fill = Some(fill.clone()),
+        Some(e) => e.last_fill = Some(ProfileEntry::fill(fill)),
         None => file
             .profile
-            .push(ProfileEntry::new(rx_id, &record.order, Some(fill.clone()))),
+            .push(ProfileEntry::new(rx_id, &record.order, Some(fill))),
     }
     let (write, ev, _) = svc
         .vault

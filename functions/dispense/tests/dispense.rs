@@ -347,6 +347,23 @@ async fn a_fill_lands_in_the_patient_profile_so_an_early_refill_is_caught() {
     let last = entry.last_fill.as_ref().expect("last fill recorded");
     assert_eq!(out.dispense["id"], last.id.as_str());
     assert_eq!(last.days_supply, Some(30));
+    // The file keeps what review reads of the order and the fill: not who filled it, the
+    // request's key, the prescriber, the patient reference, units or status.
+    assert!(last.by.is_empty() && last.request_id.is_none());
+    let kept = serde_json::to_value(entry).unwrap();
+    for gone in ["by", "request_id"] {
+        assert!(kept["last_fill"].get(gone).is_none(), "{gone} kept: {kept}");
+    }
+    for gone in [
+        "requester",
+        "patient_ref",
+        "status",
+        "intent",
+        "quantity_unit",
+        "note",
+    ] {
+        assert!(kept["order"].get(gone).is_none(), "{gone} kept: {kept}");
+    }
     // One commit: the prescription update and the patient update, each with its audit event.
     assert_eq!(
         audit(&d, Some("rph-dispenser"), Some(Action::Update), None)

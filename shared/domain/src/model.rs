@@ -34,7 +34,7 @@ pub struct MedicationCode {
 }
 
 /// Who wrote the order, as the order refers to them.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "by", content = "value", rename_all = "kebab-case")]
 pub enum PrescriberRef {
     /// `Practitioner?identifier=http://hl7.org/fhir/sid/us-npi|<npi>` or an NPI identifier.
@@ -43,7 +43,14 @@ pub enum PrescriberRef {
     Reference(String),
     /// A contained Practitioner or one resolved from a Bundle.
     Inline(Box<PrescriberRecord>),
+    #[default]
     Missing,
+}
+
+impl PrescriberRef {
+    pub fn is_missing(&self) -> bool {
+        matches!(self, PrescriberRef::Missing)
+    }
 }
 
 /// One structured dose of a dosage instruction.
@@ -59,7 +66,7 @@ pub struct Dosage {
     /// Administrations per day, from timing.repeat (frequency / period in days).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub per_day: Option<f64>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub as_needed: bool,
 }
 
@@ -70,12 +77,17 @@ pub struct MedicationOrder {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_id: Option<String>,
     /// FHIR MedicationRequest.status (active, on-hold, cancelled, completed, entered-in-error,
-    /// stopped, draft, unknown).
+    /// stopped, draft, unknown). Empty only in a patient's medication profile, which keeps
+    /// what review reads and no more (so are the intent and patient reference).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub status: String,
     /// FHIR MedicationRequest.intent (proposal, plan, order, original-order, ...).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub intent: String,
     /// The patient reference id (`Patient/<id>` → `<id>`, `urn:uuid:<id>` → `<id>`). PHI.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub patient_ref: String,
+    #[serde(default, skip_serializing_if = "PrescriberRef::is_missing")]
     pub requester: PrescriberRef,
     pub medication: MedicationCode,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -297,6 +309,9 @@ pub struct Fill {
     pub quantity: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub days_supply: Option<u32>,
+    /// The pharmacist who filled it (empty in a patient's medication profile, which keeps only
+    /// what early-refill review reads).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub by: String,
     /// 0 for the original fill, 1.. for refills.
     pub refill_number: u32,

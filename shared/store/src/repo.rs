@@ -143,23 +143,38 @@ pub struct ProfileEntry {
 
 impl ProfileEntry {
     /// The entry for one of the patient's orders: what drug-utilization review reads of it
-    /// (product, quantities, supply, refills, structured dose, when written) and no more. The
-    /// prescriber, source ids, note and dosage text stay in the order's own record; the file
-    /// is read and rewritten at every review and fill, so it carries nothing it does not use.
-    pub fn new(rx_id: &str, order: &MedicationOrder, last_fill: Option<rx_domain::Fill>) -> Self {
+    /// (product, quantity, supply, refills, structured dose, when written, the last fill's
+    /// id, time and supply) and no more. The prescriber, status, source ids, note, units,
+    /// dosage text and who filled it stay in the order's own record; the file is opened and
+    /// sealed again at every review and fill, so it carries nothing it does not use.
+    pub fn new(rx_id: &str, order: &MedicationOrder, last_fill: Option<&rx_domain::Fill>) -> Self {
         let mut order = order.clone();
         order.source_id = None;
+        order.status = String::new();
+        order.intent = String::new();
         order.patient_ref = String::new();
         order.requester = rx_domain::PrescriberRef::Missing;
         order.note = None;
         order.valid_until = None;
+        order.quantity_unit = None;
+        order.medication.ndc = None;
         for d in &mut order.dosage {
             d.text = None;
+            d.dose_unit = None;
         }
         ProfileEntry {
             rx_id: rx_id.to_string(),
             order,
-            last_fill,
+            last_fill: last_fill.map(Self::fill),
+        }
+    }
+
+    /// What the profile keeps of a fill (see [`ProfileEntry::new`]).
+    pub fn fill(fill: &rx_domain::Fill) -> rx_domain::Fill {
+        rx_domain::Fill {
+            by: String::new(),
+            request_id: None,
+            ..fill.clone()
         }
     }
 }
