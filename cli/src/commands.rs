@@ -142,6 +142,15 @@ pub async fn run(input: &Path, replay: bool, opts: RunOptions) -> Result<Ended, 
     // The directory is durable before any order is judged against it.
     p.flush().await?;
     report.skipped_resources = export.skipped.iter().cloned().collect();
+    if export.order_count() == 0 {
+        // Not an error of any one line, but nothing to do: said, and the exit says it too.
+        eprintln!(
+            "rxflow run: {} holds no MedicationRequest (no MedicationRequest.ndjson, or none in \
+             it): no order to process; its other resources were registered",
+            input.display()
+        );
+        report.input_errors += 1;
+    }
 
     if !opts.json {
         eprintln!(

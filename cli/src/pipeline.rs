@@ -414,9 +414,6 @@ impl Pipeline {
 /// the same throughput on 10,000 orders; 1 was a third slower).
 pub const IN_FLIGHT: usize = 8;
 
-/// How long [`Lanes`] looks again for a finished step before it sleeps.
-const SPIN: Duration = Duration::from_millis(2);
-
 type Flight<'p, T> =
     Pin<Box<dyn Future<Output = (Result<OrderOutcome, StepError>, Vec<String>, T)> + 'p>>;
 
@@ -484,10 +481,9 @@ impl<'p, T: 'p> Lanes<'p, T> {
     }
 
     async fn next(&mut self) -> Result<Option<(OrderOutcome, T)>, StepError> {
-        // While every order in flight waits for the store's thread, look again for a while
-        // before sleeping: its answers come every few microseconds, and a sleeping thread
-        // costs the store's thread a wake-up call for each.
-        let mut spin = Spin::new(SPIN);
+        // While every order in flight waits for the store's thread, look again a few times
+        // before sleeping (see [`Spin`]).
+        let mut spin = Spin::default();
         let next = std::future::poll_fn(|cx| loop {
             match self.flights.poll_next_unpin(cx) {
                 Poll::Ready(done) => return Poll::Ready(done),

@@ -115,6 +115,46 @@ fn malformed_lines_are_named_kept_and_the_run_goes_on() {
     drop(conn);
     let logs = keep_output(tmp.path(), "bad", &out);
     assert_no_phi(&input, &[&data, &logs]);
+
+    // The same export again: every bad line is named again, and none is kept a second time.
+    let again = run(&[
+        "run",
+        "--input",
+        input.to_str().unwrap(),
+        "--json",
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]);
+    assert_eq!(again.status.code(), Some(2), "{}", text(&again.stderr));
+    assert!(text(&again.stderr).contains("MedicationRequest.ndjson:2"));
+    let conn = rusqlite::Connection::open(data.join("rxflow.db")).unwrap();
+    let kept_again: i64 = conn
+        .query_row("SELECT count(*) FROM inputs", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(kept_again, kept, "a rerun kept the same lines again");
+}
+
+#[test]
+fn an_export_without_orders_says_so_and_exits_2() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("export");
+    std::fs::create_dir_all(&input).unwrap();
+    std::fs::write(
+        input.join("Patient.ndjson"),
+        r#"{"resourceType":"Patient","id":"p-only"}"#,
+    )
+    .unwrap();
+    let data = tmp.path().join("data");
+    let out = run(&[
+        "run",
+        "--input",
+        input.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("holds no MedicationRequest"), "{err}");
 }
 
 #[test]

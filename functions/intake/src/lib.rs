@@ -575,13 +575,30 @@ pub struct QuarantinedInput {
 }
 
 /// Keep an input that could not be processed, sealed, with one quarantine audit event. Returns
-/// the input's id.
+/// the input's id. The same input from the same place (a rerun of the same export) is kept
+/// once: its id comes back and nothing is written.
 pub async fn quarantine(
     svc: &Services,
     cx: &AuditCtx,
     tenant: &str,
     input: &QuarantinedInput,
 ) -> Result<String, StepError> {
+    let key = svc.vault.blind(
+        rx_store::repo::domains::INPUT,
+        &format!("{}\n{}", input.origin, input.raw),
+    );
+    let kept = |key: Vec<u8>| async move {
+        Ok::<_, StepError>(
+            svc.vault
+                .store
+                .get_by_key(Table::Inputs, tenant, &key)
+                .await?
+                .map(|row| row.id),
+        )
+    };
+    if let Some(id) = kept(key.clone()).await? {
+        return Ok(id);
+    }
     let id = uuid::Uuid::now_v7().to_string();
     let (write, mut ev) = svc
         .vault
@@ -592,11 +609,17 @@ pub async fn quarantine(
             &id,
             "quarantined",
             None,
-            None,
+            Some(key.clone()),
             input,
         )
         .await?;
     ev.action = rx_guard::audit::Action::Quarantine;
-    svc.vault.commit(Changes::single(write, ev)).await?;
-    Ok(id)
+    match svc.vault.commit(Changes::single(write, ev)).await {
+        Ok(()) => Ok(id),
+        // Kept meanwhile by someone else (two requests with the same input at once).
+        Err(e) => match kept(key).await? {
+            Some(id) => Ok(id),
+            None => Err(e.into()),
+        },
+    }
 }

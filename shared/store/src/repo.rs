@@ -26,6 +26,8 @@ pub mod domains {
     pub const NPI: &str = "npi";
     pub const PRACTITIONER: &str = "practitioner";
     pub const SOURCE_ORDER: &str = "source-order";
+    /// An input kept for follow-up: where it came from and what it said.
+    pub const INPUT: &str = "quarantined-input";
 }
 
 /// The field name bound into every sealed body's associated data.
