@@ -274,3 +274,46 @@ fn deleted_checkpoints_fail_a_plain_verify() {
     );
     assert!(out.contains("checkpoints were removed"), "{out}{err}");
 }
+
+#[test]
+fn a_chain_column_rewritten_with_another_type_is_the_break_at_its_event() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    demo(&base, "42", "40");
+    let cases = [
+        (
+            "body",
+            "UPDATE audit SET body = CAST(body AS TEXT) WHERE seq = 33",
+        ),
+        ("prev", "UPDATE audit SET prev = zeroblob(8) WHERE seq = 33"),
+        ("hash", "UPDATE audit SET hash = 7 WHERE seq = 33"),
+    ];
+    for (column, sql) in cases {
+        let d = tmp.path().join(column);
+        copy_dir(&base, &d);
+        tamper(&d, sql);
+        let (ok, out, err) = verify(&d, &[]);
+        assert!(!ok, "{column}: a rewritten row verified: {out}{err}");
+        assert!(
+            out.contains("audit event 33 ") && out.contains(column),
+            "{column}: the sentence names event 33 and its column: {out}{err}"
+        );
+        let (_, json, _) = verify(&d, &["--json"]);
+        let report: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(report["first_break"]["seq"], 33, "{column}: {json}");
+    }
+    // An earlier edit is still the first break, before the unreadable row.
+    let d = tmp.path().join("both");
+    copy_dir(&base, &d);
+    tamper(
+        &d,
+        "UPDATE audit SET body = CAST(body AS TEXT) WHERE seq = 33",
+    );
+    tamper(
+        &d,
+        "UPDATE audit SET resource_id = 'elsewhere' WHERE seq = 12",
+    );
+    let (_, json, _) = verify(&d, &["--json"]);
+    let report: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(report["first_break"]["seq"], 12, "{json}");
+}

@@ -340,7 +340,11 @@ impl Walker {
                 return Some(b);
             }
         }
-        None
+        // A row that could not be read as an event ends its page: it is the break.
+        match (fault, page.events.last()) {
+            (Some((seq, f)), last) if last.is_none_or(|l| seq > l.seq) => Some(Break::from_row(f)),
+            _ => None,
+        }
     }
 }
 

@@ -41,7 +41,8 @@ use rx_guard::audit::{chain, AuditEvent, AuditQuery, AuditSink, ChainedEvent};
 use rx_guard::GuardError;
 
 use crate::port::{
-    Changes, CheckpointRow, RecordStore, Row, StoreError, StoreResult, Table, TransitionRow, Write,
+    Changes, CheckpointRow, RecordStore, Row, RowFault, StoreError, StoreResult, Table,
+    TransitionRow, Write,
 };
 use error::map;
 use schema::{table_slot, TableSql};
@@ -648,6 +649,23 @@ fn read_row(table: Table, r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
     })
 }
 
+/// What a read of a row's chain columns found when they do not hold what this version wrote:
+/// the column and the type or size found (never the value). `None` for other errors.
+fn retyped(e: &rusqlite::Error) -> Option<String> {
+    const COLUMNS: [&str; 4] = ["seq", "body", "prev", "hash"];
+    let name = |i: usize| COLUMNS.get(i).copied().unwrap_or("another");
+    match e {
+        rusqlite::Error::InvalidColumnType(i, _, found) => Some(format!(
+            "its {} column holds {found} where a blob was written",
+            name(*i)
+        )),
+        rusqlite::Error::FromSqlConversionFailure(i, _, why) => {
+            Some(format!("its {} column: {why}", name(*i)))
+        }
+        _ => None,
+    }
+}
+
 fn read_chained(r: &rusqlite::Row<'_>) -> rusqlite::Result<ChainedEvent> {
     Ok(ChainedEvent {
         seq: to_u64(0, r.get(0)?)?,
@@ -1022,7 +1040,21 @@ impl RecordStore for SqliteStore {
                 let mut stmt = conn.prepare_cached(columns::AUDIT_RANGE_CHECKED)?;
                 let mut rows = stmt.query(params![from, n])?;
                 while let Some(r) = rows.next()? {
-                    let ev = read_chained(r)?;
+                    let ev = match read_chained(r) {
+                        Ok(ev) => ev,
+                        // A row whose chain columns were rewritten with another type or length
+                        // is a break at its seq (the events before it are still checked),
+                        // not a failure of the whole read. The page ends there.
+                        Err(e) => {
+                            let Some(reason) = retyped(&e) else {
+                                return Err(e);
+                            };
+                            let seq = to_u64(0, r.get(0)?)?;
+                            page.fault
+                                .get_or_insert(RowFault::Unreadable { seq, reason });
+                            break;
+                        }
+                    };
                     if page.fault.is_none() {
                         page.fault = columns::fault(r, &ev)?;
                     }
