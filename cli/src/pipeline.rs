@@ -217,7 +217,7 @@ impl Pipeline {
     /// after.
     pub async fn tick_batch(&self) -> Result<(), StepError> {
         if self.in_batch.get() == 0 {
-            self.front.run(|s| s.begin_batch()).await??;
+            self.front.begin_batch().await?;
         }
         self.in_batch.set(self.in_batch.get() + 1);
         if self.in_batch.get() >= BATCH {
@@ -230,7 +230,7 @@ impl Pipeline {
     pub async fn flush(&self) -> Result<(), StepError> {
         if self.in_batch.get() > 0 {
             self.in_batch.set(0);
-            self.front.run(|s| s.end_batch()).await??;
+            self.front.end_batch().await?;
         }
         Ok(())
     }

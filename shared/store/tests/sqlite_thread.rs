@@ -110,3 +110,105 @@ async fn a_job_that_panics_fails_its_call_and_every_later_one() {
         .unwrap()
         .is_none());
 }
+
+/// Inside a batch opened through the front, reads are answered from the rows it keeps: each
+/// answer must be what the store itself holds, after inserts, updates that move the source key,
+/// a refused change set, and the batch's end.
+#[tokio::test]
+async fn inside_a_batch_reads_answer_what_the_store_holds() {
+    let (_dir, front) = threaded();
+    let store = front.store().clone();
+    let same = |what: &str, kept: Option<rx_store::Row>, stored: Option<rx_store::Row>| {
+        assert_eq!(kept, stored, "{what}: the front and the store disagree");
+    };
+    front.begin_batch().await.unwrap();
+    front.commit(create_rx("rx-a", "dr-a")).await.unwrap();
+    front.commit(create_rx("rx-b", "dr-a")).await.unwrap();
+    let a1 = front
+        .get(Table::Prescriptions, "t1", "rx-a")
+        .await
+        .unwrap()
+        .unwrap();
+    same(
+        "a read by id",
+        Some(a1.clone()),
+        store.get(Table::Prescriptions, "t1", "rx-a").await.unwrap(),
+    );
+
+    // An update that moves the source key: the old key finds nothing, the new one finds it.
+    let mut a2 = a1.clone();
+    a2.version = 2;
+    a2.status = "validated".into();
+    a2.key = Some(b"key-moved".to_vec());
+    a2.sealed = b"sealed-again".to_vec();
+    let update = |row: rx_store::Row, expected_version| rx_store::Changes {
+        writes: vec![rx_store::Write::Update {
+            row,
+            expected_version,
+        }],
+        ..Default::default()
+    };
+    front.commit(update(a2.clone(), 1)).await.unwrap();
+    for (what, key) in [
+        ("old key", &b"key-rx-a"[..]),
+        ("new key", &b"key-moved"[..]),
+    ] {
+        same(
+            what,
+            front
+                .get_by_key(Table::Prescriptions, "t1", key)
+                .await
+                .unwrap(),
+            store
+                .get_by_key(Table::Prescriptions, "t1", key)
+                .await
+                .unwrap(),
+        );
+    }
+    same(
+        "after the update",
+        front.get(Table::Prescriptions, "t1", "rx-a").await.unwrap(),
+        Some(a2.clone()),
+    );
+    // Another tenant and another table never see the row.
+    assert_eq!(
+        front.get(Table::Prescriptions, "t2", "rx-a").await.unwrap(),
+        None
+    );
+    assert_eq!(
+        front.get(Table::Patients, "t1", "rx-a").await.unwrap(),
+        None
+    );
+    assert_eq!(
+        front
+            .get_by_key(Table::Prescriptions, "t2", b"key-moved")
+            .await
+            .unwrap(),
+        None
+    );
+
+    // A stale update is refused and changes nothing that is read afterwards.
+    let mut stale = a1.clone();
+    stale.version = 2;
+    stale.status = "rejected".into();
+    assert!(matches!(
+        front.commit(update(stale, 1)).await,
+        Err(StoreError::Conflict(_))
+    ));
+    same(
+        "after a refused change set",
+        front.get(Table::Prescriptions, "t1", "rx-a").await.unwrap(),
+        store.get(Table::Prescriptions, "t1", "rx-a").await.unwrap(),
+    );
+    front.end_batch().await.unwrap();
+    same(
+        "after the batch",
+        front.get(Table::Prescriptions, "t1", "rx-a").await.unwrap(),
+        Some(a2),
+    );
+    same(
+        "the other row",
+        front.get(Table::Prescriptions, "t1", "rx-b").await.unwrap(),
+        store.get(Table::Prescriptions, "t1", "rx-b").await.unwrap(),
+    );
+}
