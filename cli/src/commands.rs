@@ -286,7 +286,8 @@ pub async fn demo(seed: u64, orders: usize, opts: RunOptions) -> Result<Ended, C
     let mut lanes = Lanes::new(&p, opts.in_flight);
     for v in synth::orders(&cfg, &cohort) {
         let order = fhir::parse_medication_request(&v).map_err(StepError::from)?;
-        let at = order.authored_on;
+        // Judged when it reaches the pharmacy (for most orders, when it was written).
+        let at = synth::arrival(&v).or(order.authored_on);
         for (outcome, ()) in lanes.push(order, at, ()).await? {
             report.add(outcome);
             bar.inc(1);

@@ -1,22 +1,29 @@
 //! A deterministic synthetic cohort in FHIR bulk-export shape: the demo's input.
 //!
 //! [`cohort`] builds the small directory part (Practitioners, Patients, AllergyIntolerances);
-//! [`orders`] streams the MedicationRequests in `authoredOn` order, each built from the seed and its
+//! [`orders`] streams the MedicationRequests in the order they arrive, each built from the seed and its
 //! position alone (O(1) memory per order), so 100,000 orders cost no more memory than 200.
 //!
 //! Everything is obviously synthetic: names carry digits (as Synthea's do), SSNs start with 999
 //! (never issued), phones use the 555 area code, NPIs start with 999.
 //!
 //! # How every rule fires
-//! The stream is cut into blocks of [`BLOCK`] orders. In each block, 24 fixed slots hold the planned
-//! cases ([`Case`]): controlled substances from prescribers with and without a DEA number,
+//! The stream is cut into blocks of [`BLOCK`] orders. In each block, 30 fixed slots hold the planned
+//! cases ([`Case`]): controlled substances from prescribers with and without a DEA number, with a
+//! DEA number that fails its check digit and with one whose registrant type may not prescribe,
 //! schedule II with refills, schedule III–IV with more than five refills, controlled orders
-//! missing quantity or days supply, a bad NPI, stopped and plan-intent orders, opioid +
-//! benzodiazepine, an ONC high-priority interaction, a clinical warfarin interaction, allergies
-//! (by ingredient and by class), duplicate therapy, high MME (≥ 50 and ≥ 90), an early refill and
-//! an unknown product. Pairs put the setup order early in the block and the trigger about 95
-//! slots later, for the same patient. Every other slot (~81%) is a clean order. So any run of at
-//! least 200 orders holds every case.
+//! missing quantity or days supply, a bad NPI, an NDC that is not a valid NDC, stopped and
+//! plan-intent orders, a postdated order, a non-controlled order past its one-year expiry and a
+//! schedule III–IV order past its six-month fill window, opioid + benzodiazepine, an ONC
+//! high-priority interaction, a clinical warfarin interaction, allergies (by ingredient and by
+//! class), duplicate therapy, high MME (≥ 50 and ≥ 90), an early refill and an unknown product.
+//! Pairs put the setup order early in the block and the trigger about 100 slots later, for the
+//! same patient. Every other slot (~77%) is a clean order. So any run of at least 200 orders
+//! holds every case.
+//!
+//! Each order's `meta.lastUpdated` is when it reaches the pharmacy ([`arrival`]); the stream
+//! comes in that order. `authoredOn` is the same instant, except for the orders about dates:
+//! written 400 or 200 days before they arrive, or dated three days after.
 //!
 //! Products come from [`DrugTable::embedded`] by class and ingredient, so codes stay consistent
 //! with the table. Clean orders use a "regimen pool" of non-controlled oral products that share no
@@ -35,7 +42,7 @@ use serde_json::{json, Value};
 /// Orders per block; every planned case appears once per full block.
 pub const BLOCK: usize = 128;
 const FIRST_SLOT: usize = 3;
-const SLOT_STRIDE: usize = 5;
+const SLOT_STRIDE: usize = 4;
 /// Minutes between consecutive orders (each order falls at a seeded point inside its interval).
 pub const MINUTES_PER_ORDER: i64 = 2;
 /// Tag system of the planned case on each generated order.
@@ -51,7 +58,7 @@ const UCUM: &str = "http://unitsofmeasure.org";
 pub struct CohortConfig {
     pub seed: u64,
     pub orders: usize,
-    /// authoredOn of the first order; order `i` falls in `[start + 2i min, start + 2(i+1) min)`.
+    /// When the first order arrives; order `i` arrives in `[start + 2i min, start + 2(i+1) min)`.
     pub start: DateTime<Utc>,
 }
 
@@ -84,13 +91,23 @@ pub enum Case {
     ControlledWithoutDea,
     /// A controlled substance by a prescriber whose DEA number fails its check digit.
     ControlledBadDea,
+    /// A controlled substance by a prescriber whose DEA registration is a distributor's.
+    DeaCannotPrescribe,
     ScheduleIiWithRefills,
     ScheduleIiiIvExcessRefills,
     ControlledMissingQuantity,
     ControlledMissingDaysSupply,
     BadNpi,
+    /// An NDC beside the RxNorm code that is no valid 10- or 11-digit NDC.
+    NdcInvalid,
     Stopped,
     PlanIntent,
+    /// Dated three days after it arrives.
+    WrittenInFuture,
+    /// A non-controlled order arriving 400 days after it was written.
+    ExpiredNonControlled,
+    /// A schedule III–IV order arriving 200 days after it was written (21 CFR 1306.22).
+    ControlledPastFillWindow,
     OpioidBenzodiazepine,
     OncInteraction,
     WarfarinInteraction,
@@ -122,18 +139,23 @@ pub enum Expected {
 }
 
 impl Case {
-    pub const ALL: [Case; 21] = [
+    pub const ALL: [Case; 26] = [
         Case::Clean,
         Case::ControlledWithDea,
         Case::ControlledWithoutDea,
         Case::ControlledBadDea,
+        Case::DeaCannotPrescribe,
         Case::ScheduleIiWithRefills,
         Case::ScheduleIiiIvExcessRefills,
         Case::ControlledMissingQuantity,
         Case::ControlledMissingDaysSupply,
         Case::BadNpi,
+        Case::NdcInvalid,
         Case::Stopped,
         Case::PlanIntent,
+        Case::WrittenInFuture,
+        Case::ExpiredNonControlled,
+        Case::ControlledPastFillWindow,
         Case::OpioidBenzodiazepine,
         Case::OncInteraction,
         Case::WarfarinInteraction,
@@ -152,13 +174,18 @@ impl Case {
             Case::ControlledWithDea => "controlled-with-dea",
             Case::ControlledWithoutDea => "controlled-without-dea",
             Case::ControlledBadDea => "controlled-bad-dea",
+            Case::DeaCannotPrescribe => "dea-cannot-prescribe",
             Case::ScheduleIiWithRefills => "schedule-ii-with-refills",
             Case::ScheduleIiiIvExcessRefills => "schedule-iii-iv-excess-refills",
             Case::ControlledMissingQuantity => "controlled-missing-quantity",
             Case::ControlledMissingDaysSupply => "controlled-missing-days-supply",
             Case::BadNpi => "bad-npi",
+            Case::NdcInvalid => "ndc-invalid",
             Case::Stopped => "stopped",
             Case::PlanIntent => "plan-intent",
+            Case::WrittenInFuture => "written-in-future",
+            Case::ExpiredNonControlled => "expired-non-controlled",
+            Case::ControlledPastFillWindow => "controlled-past-fill-window",
             Case::OpioidBenzodiazepine => "opioid-benzodiazepine",
             Case::OncInteraction => "onc-interaction",
             Case::WarfarinInteraction => "warfarin-interaction",
@@ -183,13 +210,17 @@ impl Case {
             Case::Clean | Case::ControlledWithDea => Dispensable,
             Case::ControlledWithoutDea => Reason("dea-required"),
             Case::ControlledBadDea => Reason("dea-invalid"),
+            Case::DeaCannotPrescribe => Reason("dea-registrant-cannot-prescribe"),
             Case::ScheduleIiWithRefills => Reason("schedule-ii-refills"),
             Case::ScheduleIiiIvExcessRefills => Reason("refills-exceed-limit"),
             Case::ControlledMissingQuantity => Reason("quantity-required"),
             Case::ControlledMissingDaysSupply => Reason("days-supply-required"),
             Case::BadNpi => Reason("npi-invalid"),
+            Case::NdcInvalid => Reason("ndc-invalid"),
             Case::Stopped => Reason("status-not-dispensable"),
             Case::PlanIntent => Reason("not-an-order"),
+            Case::WrittenInFuture => Reason("written-date-in-future"),
+            Case::ExpiredNonControlled | Case::ControlledPastFillWindow => Reason("expired"),
             Case::OpioidBenzodiazepine => Alert(AlertKind::OpioidBenzodiazepine, Severity::High),
             Case::OncInteraction => Alert(AlertKind::DrugInteraction, Severity::High),
             Case::WarfarinInteraction => Alert(AlertKind::DrugInteraction, Severity::Moderate),
@@ -203,6 +234,14 @@ impl Case {
             Case::UnknownProduct => Alert(AlertKind::UnknownProduct, Severity::Moderate),
         }
     }
+}
+
+/// When a generated order reaches the pharmacy (its `meta.lastUpdated`): the demo judges it then.
+pub fn arrival(order: &Value) -> Option<DateTime<Utc>> {
+    let at = order.pointer("/meta/lastUpdated")?.as_str()?;
+    DateTime::parse_from_rfc3339(at)
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
 }
 
 /// The planned case of a generated order (from its `meta.tag`).
@@ -219,9 +258,9 @@ pub fn planned_case(order: &Value) -> Option<(Case, Role)> {
         })
 }
 
-/// The 25 planned slots of a block, in slot order: pair setups first, then single cases, then
-/// pair triggers (about 95 slots after their setups).
-const SLOTS: [(Case, Role); 25] = [
+/// The 30 planned slots of a block, in slot order: pair setups first, then single cases, then
+/// pair triggers (100 slots after their setups).
+const SLOTS: [(Case, Role); 30] = [
     (Case::OpioidBenzodiazepine, Role::Setup),
     (Case::OncInteraction, Role::Setup),
     (Case::WarfarinInteraction, Role::Setup),
@@ -230,13 +269,18 @@ const SLOTS: [(Case, Role); 25] = [
     (Case::ControlledWithDea, Role::Trigger),
     (Case::ControlledWithoutDea, Role::Trigger),
     (Case::ControlledBadDea, Role::Trigger),
+    (Case::DeaCannotPrescribe, Role::Trigger),
     (Case::ScheduleIiWithRefills, Role::Trigger),
     (Case::ScheduleIiiIvExcessRefills, Role::Trigger),
     (Case::ControlledMissingQuantity, Role::Trigger),
     (Case::ControlledMissingDaysSupply, Role::Trigger),
     (Case::BadNpi, Role::Trigger),
+    (Case::NdcInvalid, Role::Trigger),
     (Case::Stopped, Role::Trigger),
     (Case::PlanIntent, Role::Trigger),
+    (Case::WrittenInFuture, Role::Trigger),
+    (Case::ExpiredNonControlled, Role::Trigger),
+    (Case::ControlledPastFillWindow, Role::Trigger),
     (Case::AllergyIngredient, Role::Trigger),
     (Case::AllergyClass, Role::Trigger),
     (Case::HighMme50, Role::Trigger),
@@ -372,6 +416,8 @@ enum Kind {
     WithoutDea,
     /// A DEA number on file whose check digit is off (only controlled orders look at it).
     BadDea,
+    /// A valid DEA number of a distributor's registration (P), which may not prescribe.
+    DistributorDea,
     BadNpi,
 }
 
@@ -380,6 +426,7 @@ fn prescriber_kind(r: usize) -> Kind {
         9 => Kind::BadNpi,
         7 | 8 => Kind::WithoutDea,
         6 => Kind::BadDea,
+        5 if r % 20 == 5 => Kind::DistributorDea,
         _ => Kind::WithDea,
     }
 }
@@ -398,10 +445,11 @@ fn npi(seed: u64, r: usize, bad: bool) -> String {
 }
 
 /// A DEA number that passes the format and check-digit test: registrant letter (F practitioner,
-/// M mid-level), the family-name initial, six digits and the check digit (with `bad`, a check
-/// digit off by one).
-fn dea(rng: &mut Rng, family: &str, bad: bool) -> String {
+/// M mid-level, or P distributor with `distributor`), the family-name initial, six digits and the
+/// check digit (with `bad`, a check digit off by one).
+fn dea(rng: &mut Rng, family: &str, bad: bool, distributor: bool) -> String {
     let letter = if rng.below(5) == 0 { 'M' } else { 'F' };
+    let letter = if distributor { 'P' } else { letter };
     let initial = family.chars().next().unwrap_or('X').to_ascii_uppercase();
     let digits = format!("{:06}", rng.below(1_000_000));
     let check = (0..10u8)
@@ -447,7 +495,7 @@ fn practitioner(seed: u64, r: usize) -> Value {
         identifiers.push(json!({
             "type": { "coding": [{ "system": V2_0203, "code": "DEA", "display": "Drug Enforcement Administration registration number" }] },
             "system": DEA_SYSTEM,
-            "value": dea(&mut rng, &family, kind == Kind::BadDea),
+            "value": dea(&mut rng, &family, kind == Kind::BadDea, kind == Kind::DistributorDea),
         }));
     }
     json!({
@@ -525,7 +573,7 @@ fn allergy(cfg: &CohortConfig, p: usize, patient: &Value) -> Option<Value> {
 // ---------------------------------------------------------------------------------------------
 // Orders
 
-/// The MedicationRequests, streamed in `authoredOn` order. Each is built from the seed, its
+/// The MedicationRequests, streamed in the order they arrive ([`arrival`]). Each is built from the seed, its
 /// position and the (small) product plan; nothing accumulates.
 pub fn orders<'a>(cfg: &'a CohortConfig, cohort: &'a Cohort) -> impl Iterator<Item = Value> + 'a {
     let plan = Plan::new(cfg, cohort, DrugTable::embedded());
@@ -569,6 +617,7 @@ struct Plan<'a> {
     prescribers_with_dea: Vec<usize>,
     prescribers_without_dea: Vec<usize>,
     prescribers_bad_dea: Vec<usize>,
+    prescribers_distributor_dea: Vec<usize>,
     prescribers_bad_npi: Vec<usize>,
     prescribers_good_npi: Vec<usize>,
 }
@@ -793,6 +842,7 @@ impl<'a> Plan<'a> {
             prescribers_with_dea: kind(Kind::WithDea),
             prescribers_without_dea: kind(Kind::WithoutDea),
             prescribers_bad_dea: kind(Kind::BadDea),
+            prescribers_distributor_dea: kind(Kind::DistributorDea),
             prescribers_bad_npi: kind(Kind::BadNpi),
             prescribers_good_npi: (0..prescribers)
                 .filter(|r| prescriber_kind(*r) != Kind::BadNpi)
@@ -803,14 +853,14 @@ impl<'a> Plan<'a> {
     fn order(&self, i: usize) -> Value {
         let mut rng = Rng::for_item(self.cfg.seed, STREAM_ORDER, i as u64);
         let id = rng.uuid();
-        let authored = self.cfg.start
+        let arrives = self.cfg.start
             + Duration::minutes(MINUTES_PER_ORDER * i as i64)
             + Duration::seconds(rng.below(MINUTES_PER_ORDER as u64 * 60) as i64);
         let block = i / BLOCK;
         let rx = slot(i)
             .and_then(|(case, role)| self.planned(case, role, block, &mut rng))
             .unwrap_or_else(|| self.clean(i, &mut rng));
-        rx.to_fhir(self, &id, authored)
+        rx.to_fhir(self, &id, arrives)
     }
 
     /// The k-th element of `xs` for this block (rotating through the candidates).
@@ -873,6 +923,8 @@ impl<'a> Plan<'a> {
             quantity: true,
             days_supply: true,
             refills: rng.below(4) as u32,
+            written_days_before: 0,
+            ndc: None,
         }
     }
 
@@ -899,6 +951,8 @@ impl<'a> Plan<'a> {
             quantity: true,
             days_supply: true,
             refills: 0,
+            written_days_before: 0,
+            ndc: None,
         };
         let pool_product = self.rotate(&self.pool, block, case as usize)?;
         Some(match (case, role) {
@@ -942,6 +996,31 @@ impl<'a> Plan<'a> {
                 let p = self.rotate(&self.controlled, block, 3)?;
                 Rx {
                     days_supply: false,
+                    ..rx(p, dea, short(p))
+                }
+            }
+            (Case::DeaCannotPrescribe, _) => {
+                let p = self.rotate(&self.controlled, block, 5)?;
+                let r = self.prescriber(&self.prescribers_distributor_dea, rng);
+                rx(p, r, short(p))
+            }
+            (Case::NdcInvalid, _) => Rx {
+                // Nine digits: neither a 10-digit (4-4-2, 5-3-2, 5-4-1) nor an 11-digit NDC.
+                ndc: Some("12345-678-9"),
+                ..rx(pool_product, good, daily)
+            },
+            (Case::WrittenInFuture, _) => Rx {
+                written_days_before: -3,
+                ..rx(pool_product, good, daily)
+            },
+            (Case::ExpiredNonControlled, _) => Rx {
+                written_days_before: 400,
+                ..rx(pool_product, good, daily)
+            },
+            (Case::ControlledPastFillWindow, _) => {
+                let p = self.rotate(&self.schedule_iii_iv, block, 1)?;
+                Rx {
+                    written_days_before: 200,
                     ..rx(p, dea, short(p))
                 }
             }
@@ -1016,10 +1095,15 @@ struct Rx<'a> {
     quantity: bool,
     days_supply: bool,
     refills: u32,
+    /// Days between when the order was written and when it arrives (negative: postdated).
+    written_days_before: i64,
+    /// An NDC coding beside the RxNorm one.
+    ndc: Option<&'static str>,
 }
 
 impl Rx<'_> {
-    fn to_fhir(&self, plan: &Plan<'_>, id: &str, authored: DateTime<Utc>) -> Value {
+    fn to_fhir(&self, plan: &Plan<'_>, id: &str, arrives: DateTime<Utc>) -> Value {
+        let authored = arrives - Duration::days(self.written_days_before);
         let (code, display, unit) = match &self.product {
             Med::Table(p) => (p.rxnorm.as_str(), p.name.as_str(), p.unit.as_str()),
             Med::Unknown((c, d)) => (c.as_str(), d.as_str(), "tablet"),
@@ -1045,7 +1129,10 @@ impl Rx<'_> {
         let mut v = json!({
             "resourceType": "MedicationRequest",
             "id": id,
-            "meta": { "tag": [{ "system": CASE_TAG_SYSTEM, "code": tag }] },
+            "meta": {
+                "lastUpdated": arrives.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                "tag": [{ "system": CASE_TAG_SYSTEM, "code": tag }],
+            },
             "status": self.status,
             "intent": self.intent,
             "category": [{ "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/medicationrequest-category", "code": "community" }] }],
@@ -1057,6 +1144,11 @@ impl Rx<'_> {
             "authoredOn": authored.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             "requester": { "reference": format!("Practitioner?identifier={NPI_SYSTEM}|{npi}") },
         });
+        if let Some(ndc) = self.ndc {
+            if let Some(codings) = v["medicationCodeableConcept"]["coding"].as_array_mut() {
+                codings.push(json!({ "system": crate::NDC, "code": ndc }));
+            }
+        }
         let Some(d) = self.dosing else { return v };
         v["dosageInstruction"] = json!([{
             "sequence": 1,
@@ -1094,8 +1186,10 @@ mod tests {
     fn generated_dea_numbers_pass_the_check_digit() {
         let mut rng = Rng::for_item(1, 0, 0);
         for _ in 0..50 {
-            assert!(parse_dea(&dea(&mut rng, "Kestrel", false)).is_ok());
-            assert!(parse_dea(&dea(&mut rng, "Kestrel", true)).is_err());
+            assert!(parse_dea(&dea(&mut rng, "Kestrel", false, false)).is_ok());
+            assert!(parse_dea(&dea(&mut rng, "Kestrel", true, false)).is_err());
+            let distributor = parse_dea(&dea(&mut rng, "Kestrel", false, true)).unwrap();
+            assert!(!distributor.registrant.may_prescribe());
         }
     }
 

@@ -190,11 +190,12 @@ fn hyphenated_ndc_coding_is_normalized_to_eleven_digits() {
         {"system": "http://hl7.org/fhir/sid/ndc", "code": "0574-4072-05"}], "text": "x"});
     let m = fhir::parse_medication_request(&v).unwrap().medication;
     assert_eq!((m.ndc.as_deref(), m.rxnorm), (Some("00574407205"), None));
-    v["medicationCodeableConcept"]["coding"][0]["code"] = json!("5165-089-52");
-    assert_eq!(
-        parse_err(&v).path,
-        "MedicationRequest.medicationCodeableConcept.coding[0].code"
-    );
+    // A code that is no NDC is kept as sent: the order parses, and validation rejects it with
+    // `ndc-invalid` (validate's tests) instead of losing it as unreadable input.
+    v["medicationCodeableConcept"]["coding"][0]["code"] = json!(" 5165-089-52 ");
+    let m = fhir::parse_medication_request(&v).unwrap().medication;
+    assert_eq!(m.ndc.as_deref(), Some("5165-089-52"));
+    assert!(rx_domain::ids::normalize_ndc("5165-089-52").is_err());
 }
 
 #[test]

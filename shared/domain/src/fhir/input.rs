@@ -341,12 +341,11 @@ fn medication_code(cc: &Obj, path: &str) -> Result<MedicationCode, FhirError> {
                 m.rxnorm = Some(code.trim().to_owned());
             }
             (Some(NDC | NDC_OID), Some(code)) if m.ndc.is_none() => {
-                m.ndc = Some(crate::ids::normalize_ndc(code).map_err(|_| {
-                    err(
-                        at(&cp, "code"),
-                        "is not an NDC: use 10 digits with hyphens (4-4-2, 5-3-2, 5-4-1) or 11 digits",
-                    )
-                })?);
+                // Normalized to 11 digits; a code that is no NDC is kept as sent, and validation
+                // rejects the order with `ndc-invalid` (a prescription to send back, not bad input).
+                m.ndc = Some(
+                    crate::ids::normalize_ndc(code).unwrap_or_else(|_| code.trim().to_owned()),
+                );
             }
             _ => {}
         }
