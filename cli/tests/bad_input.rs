@@ -48,20 +48,34 @@ fn export(dir: &Path) {
     .unwrap();
 }
 
+/// `rxflow run --input <input> --data-dir <data>` with `extra` arguments.
+fn run_export(
+    input: &std::path::Path,
+    data: &std::path::Path,
+    extra: &[&str],
+) -> std::process::Output {
+    let mut args = vec![
+        "run",
+        "--input",
+        input.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
+fn run_json(input: &std::path::Path, data: &std::path::Path) -> std::process::Output {
+    run_export(input, data, &["--json"])
+}
+
 #[test]
 fn malformed_lines_are_named_kept_and_the_run_goes_on() {
     let tmp = tempfile::tempdir().unwrap();
     let input = tmp.path().join("export");
     export(&input);
     let data = tmp.path().join("data");
-    let out = run(&[
-        "run",
-        "--input",
-        input.to_str().unwrap(),
-        "--json",
-        "--data-dir",
-        data.to_str().unwrap(),
-    ]);
+    let out = run_json(&input, &data);
     let err = text(&out.stderr);
     assert_eq!(
         out.status.code(),
@@ -117,14 +131,7 @@ fn malformed_lines_are_named_kept_and_the_run_goes_on() {
     assert_no_phi(&input, &[&data, &logs]);
 
     // The same export again: every bad line is named again, and none is kept a second time.
-    let again = run(&[
-        "run",
-        "--input",
-        input.to_str().unwrap(),
-        "--json",
-        "--data-dir",
-        data.to_str().unwrap(),
-    ]);
+    let again = run_json(&input, &data);
     assert_eq!(again.status.code(), Some(2), "{}", text(&again.stderr));
     assert!(text(&again.stderr).contains("MedicationRequest.ndjson:2"));
     let conn = rusqlite::Connection::open(data.join("rxflow.db")).unwrap();
@@ -145,13 +152,7 @@ fn an_export_without_orders_says_so_and_exits_2() {
     )
     .unwrap();
     let data = tmp.path().join("data");
-    let out = run(&[
-        "run",
-        "--input",
-        input.to_str().unwrap(),
-        "--data-dir",
-        data.to_str().unwrap(),
-    ]);
+    let out = run_export(&input, &data, &[]);
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("holds no MedicationRequest"), "{err}");

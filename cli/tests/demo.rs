@@ -94,8 +94,9 @@ fn demo_gives_every_planned_case_the_outcome_of_its_rule() {
                 // to it (a second opioid takes 50 MME/day past 90).
                 let rank = |s: &str| ["low", "moderate", "high"].iter().position(|x| *x == s);
                 assert!(
-                    alerts.iter().any(|(k, s)| k == kind.as_str()
-                        && rank(s) >= rank(severity.as_str())),
+                    alerts
+                        .iter()
+                        .any(|(k, s)| k == kind.as_str() && rank(s) >= rank(severity.as_str())),
                     "{} order {id}: {alerts:?}",
                     case.as_str()
                 );

@@ -179,6 +179,30 @@ impl StoreThread {
         self.call(|s| s.end_batch()).await?
     }
 
+    /// A read of one row: from the kept rows when `kept` finds it there, else `read` on the
+    /// thread (its answer kept if the batch still allows).
+    async fn read_row<F>(
+        &self,
+        kept: impl FnOnce(&Rows) -> Option<Row>,
+        read: F,
+    ) -> StoreResult<Option<Row>>
+    where
+        F: FnOnce(&SqliteStore) -> StoreResult<Option<Row>> + Send + 'static,
+    {
+        let ticket = {
+            let rows = self.rows();
+            if let Some(row) = kept(&rows) {
+                return Ok(Some(row));
+            }
+            rows.ticket()
+        };
+        let got = self.call(read).await??;
+        if let Some(row) = &got {
+            self.rows().keep(ticket, row);
+        }
+        Ok(got)
+    }
+
     /// The store the thread works on.
     pub fn store(&self) -> &Arc<SqliteStore> {
         &self.store
@@ -293,39 +317,21 @@ impl AuditSink for StoreThread {
 #[async_trait]
 impl RecordStore for StoreThread {
     async fn get(&self, table: Table, tenant: &str, id: &str) -> StoreResult<Option<Row>> {
-        let ticket = {
-            let rows = self.rows();
-            if let Some(row) = rows.get(table, tenant, id) {
-                return Ok(Some(row));
-            }
-            rows.ticket()
-        };
-        let (tenant, id) = (tenant.to_string(), id.to_string());
-        let got = self
-            .call(move |s| block_on(s.get(table, &tenant, &id)))
-            .await??;
-        if let Some(row) = &got {
-            self.rows().keep(ticket, row);
-        }
-        Ok(got)
+        let (owned_tenant, owned_id) = (tenant.to_string(), id.to_string());
+        self.read_row(
+            |rows| rows.get(table, tenant, id),
+            move |s| block_on(s.get(table, &owned_tenant, &owned_id)),
+        )
+        .await
     }
 
     async fn get_by_key(&self, table: Table, tenant: &str, key: &[u8]) -> StoreResult<Option<Row>> {
-        let ticket = {
-            let rows = self.rows();
-            if let Some(row) = rows.get_by_key(table, tenant, key) {
-                return Ok(Some(row));
-            }
-            rows.ticket()
-        };
-        let (tenant, key) = (tenant.to_string(), key.to_vec());
-        let got = self
-            .call(move |s| block_on(s.get_by_key(table, &tenant, &key)))
-            .await??;
-        if let Some(row) = &got {
-            self.rows().keep(ticket, row);
-        }
-        Ok(got)
+        let (owned_tenant, owned_key) = (tenant.to_string(), key.to_vec());
+        self.read_row(
+            |rows| rows.get_by_key(table, tenant, key),
+            move |s| block_on(s.get_by_key(table, &owned_tenant, &owned_key)),
+        )
+        .await
     }
 
     async fn find_by_index(
