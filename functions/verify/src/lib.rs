@@ -7,6 +7,7 @@
 
 use std::collections::BTreeSet;
 
+use rx_domain::validate::check_fill;
 use rx_domain::{AlertKind, Override, Reason, Status, Transition, Verification};
 use rx_guard::access::{Action, Principal};
 use rx_platform::event::PipelineEvent;
@@ -79,6 +80,16 @@ pub async fn handle(
     let (transition, reason) = match req.decision {
         Decision::Approve => {
             check_overrides(&rx, &req.overrides)?;
+            // An order that could not be filled now (expired, past the controlled fill window)
+            // is not approved only to be refused at the counter.
+            check_fill(&rx.record, svc.drugs, &svc.rules, &svc.dur, svc.clock.now()).map_err(
+                |r| {
+                    StepError::Refused(format!(
+                        "{} It cannot be approved; reject it with a reason the prescriber can act on.",
+                        r.message
+                    ))
+                },
+            )?;
             (
                 Transition::Verify,
                 reason.map(|r| Reason::new("pharmacist-note", r)),

@@ -2,10 +2,13 @@
 
 mod support;
 
+use std::sync::Arc;
+
+use chrono::{Duration, Utc};
 use rx_domain::{AlertKind, Status};
 use rx_fn_verify::{handle, VerifyRequest};
 use rx_guard::audit::Action;
-use rx_platform::{EventKind, StepError};
+use rx_platform::{EventKind, ManualClock, StepError};
 use serde_json::json;
 use support::*;
 
@@ -369,4 +372,36 @@ fn request_with_an_unknown_alert_kind_or_field_does_not_parse() {
             "{v}"
         );
     }
+}
+
+/// An order that expired while it waited for a pharmacist is not approved (the counter would
+/// refuse it); it stays in the queue, unchanged, for the pharmacist to reject with a reason.
+#[tokio::test]
+async fn an_order_that_expired_in_the_queue_cannot_be_approved_but_can_be_rejected() {
+    let d = open();
+    let rx = queued(&d, &Order::lisinopril()).await;
+    let before = load(&d, &rx).await.row.version;
+    let mut later = d.svc.clone();
+    later.clock = Arc::new(ManualClock::new(Utc::now() + Duration::days(400)));
+
+    let err = handle(&later, &pharmacist("rph-1", false), None, &rx, &approve())
+        .await
+        .expect_err("an expired order is not approved");
+    match err {
+        StepError::Refused(m) => {
+            assert!(m.contains("365 days ago"), "{m}");
+            assert!(m.contains("reject it"), "{m}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(load(&d, &rx).await.row.version, before, "nothing written");
+    assert_eq!(status(&d, &rx).await, Status::AwaitingVerification);
+
+    let req = request(
+        json!({"decision": "reject", "reason": "expired while waiting; new prescription needed"}),
+    );
+    let out = handle(&later, &pharmacist("rph-1", false), None, &rx, &req)
+        .await
+        .expect("rejected");
+    assert_eq!(out.status, Status::Rejected);
 }
