@@ -17,7 +17,10 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
   (cd "$ROOT" && cargo build --release -p rxflow)
 fi
 if [ ! -x /usr/bin/time ]; then
-  apt-get install -y -qq time >/dev/null
+  echo "GNU time is missing; installing it with apt-get" >&2
+  SUDO=""
+  [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get install -y -qq time >/dev/null || { $SUDO apt-get update >/dev/null && $SUDO apt-get install -y -qq time >/dev/null; }
 fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT

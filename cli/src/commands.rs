@@ -157,7 +157,11 @@ pub async fn run(input: &Path, replay: bool, opts: RunOptions) -> Result<Ended, 
             "rxflow run: {} orders from {}{} into {}",
             export.order_count(),
             input.display(),
-            if replay { ", replayed as written" } else { "" },
+            if replay {
+                ", each submitted as written (orders already in the data directory are not)"
+            } else {
+                ""
+            },
             opts.config.data_dir.display()
         );
     }

@@ -28,7 +28,8 @@ struct Cli {
 
 #[derive(clap::Args, Clone)]
 struct DataDirArg {
-    /// Data directory (store, keys, audit trail); created on first use. Default: ./rxflow-data
+    /// Data directory (store, keys, audit trail): demo, run, serve and token create it on first
+    /// use; the audit commands need an existing one. Default: ./rxflow-data
     #[arg(long, env = "RXFLOW_DATA_DIR")]
     data_dir: Option<PathBuf>,
 }
@@ -479,9 +480,15 @@ async fn audit(command: AuditCommand) -> Result<ExitCode, CommandError> {
                 }
                 None => {
                     let mut f = std::io::BufWriter::new(std::io::stdout());
-                    rx_fn_audit::export_fhir_ndjson(emb.store.as_ref(), &mut f)
-                        .await
-                        .map_err(a::AuditCmdError::from)?
+                    match rx_fn_audit::export_fhir_ndjson(emb.store.as_ref(), &mut f).await {
+                        // The reader went away (`| head`), as with every other command.
+                        Err(rx_fn_audit::AuditError::Write(e))
+                            if e.kind() == std::io::ErrorKind::BrokenPipe =>
+                        {
+                            return Ok(ExitCode::SUCCESS)
+                        }
+                        done => done.map_err(a::AuditCmdError::from)?,
+                    }
                 }
             };
             eprintln!("exported {n} FHIR AuditEvents");

@@ -33,6 +33,7 @@ pub struct Report {
     /// Resource types in the input the pipeline does not use, with counts.
     pub skipped_resources: BTreeMap<String, u64>,
     pub elapsed_seconds: f64,
+    /// Orders processed by this run (not those an earlier run had stored) per second.
     pub orders_per_second: f64,
     /// Values sealed and opened, and the share of the run's wall time spent doing it.
     pub encryption: Encryption,
@@ -108,8 +109,9 @@ impl Report {
                 0.0
             },
         };
+        // Orders an earlier run had stored are only looked up: they do not count as throughput.
         self.orders_per_second = if self.elapsed_seconds > 0.0 {
-            self.orders_total as f64 / self.elapsed_seconds
+            self.orders_total.saturating_sub(self.already_stored) as f64 / self.elapsed_seconds
         } else {
             0.0
         };
@@ -125,8 +127,19 @@ impl Report {
         line(
             &mut s,
             format!(
-                "\n{} orders in {:.2} s ({:.0} orders/s)",
-                self.orders_total, self.elapsed_seconds, self.orders_per_second
+                "\n{} orders in {:.2} s ({:.0} orders/s{})",
+                self.orders_total,
+                self.elapsed_seconds,
+                self.orders_per_second,
+                if self.already_stored > 0 {
+                    format!(
+                        " over the {} processed; {} were already stored",
+                        self.orders_total.saturating_sub(self.already_stored),
+                        self.already_stored
+                    )
+                } else {
+                    String::new()
+                }
             ),
         );
         line(

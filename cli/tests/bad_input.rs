@@ -301,3 +301,31 @@ fn audit_events_refuses_an_empty_window_or_an_empty_value() {
         assert!(err.contains(says), "{args:?}: {err}");
     }
 }
+
+/// `rxflow audit export | head -1`: the reader leaving early is not an error (exit 0, nothing on
+/// stderr), as with every other command that prints.
+#[test]
+fn an_export_whose_reader_leaves_early_ends_quietly() {
+    use std::io::Read;
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("d");
+    let d = d.to_str().unwrap();
+    let out = run(&["demo", "--orders", "60", "--json", "--data-dir", d]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mut child = rxflow()
+        .args(["audit", "export", "--data-dir", d])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 100];
+    child.stdout.take().unwrap().read_exact(&mut first).unwrap();
+    // stdout is closed here, far before the export (several hundred kB) is written.
+    let done = child.wait_with_output().unwrap();
+    assert!(done.status.success(), "{}", text(&done.stderr));
+    assert!(
+        !text(&done.stderr).contains("failed"),
+        "{}",
+        text(&done.stderr)
+    );
+}

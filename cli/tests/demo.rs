@@ -150,6 +150,10 @@ fn a_second_demo_counts_its_own_audit_events() {
     );
     assert_eq!(total - written, first["audit_events"].as_u64().unwrap());
     assert!(written > 0 && written < total, "{written} of {total}");
+    // The second run only looked its orders up: no throughput to claim.
+    assert_eq!(second["already_stored"], ORDERS as u64);
+    assert_eq!(second["orders_per_second"], 0.0, "{second:#}");
+    assert!(first["orders_per_second"].as_f64().unwrap() > 0.0);
 }
 
 #[test]
