@@ -122,6 +122,7 @@ pub async fn run(input: &Path, replay: bool, opts: RunOptions) -> Result<Ended, 
     let export = Export::scan(input, |b| bad_lines.push(b))?;
     let p = Pipeline::open(&opts.config, time, "run", opts.verify_as.as_deref())?;
     let mut report = Report::new(opts.json, opts.config.data_dir.display().to_string());
+    report.verified_as = opts.verify_as.clone();
     report.audit_events_written = audit_len(&p).await?;
     p.tick_batch().await?;
     for b in &bad_lines {
@@ -259,6 +260,7 @@ pub async fn demo(seed: u64, orders: usize, opts: RunOptions) -> Result<Ended, C
         opts.verify_as.as_deref(),
     )?;
     let mut report = Report::new(opts.json, opts.config.data_dir.display().to_string());
+    report.verified_as = opts.verify_as.clone();
     // What the directory held before, so the report counts this run's events alone.
     report.audit_events_written = audit_len(&p).await?;
     let cfg = cohort_config(seed, orders);

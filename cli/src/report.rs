@@ -53,8 +53,29 @@ pub struct Report {
     /// One entry per input order (kept only when asked for: `--json`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub orders: Vec<OrderOutcome>,
+    /// The pharmacist who verified and dispensed (bulk runs with one named).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verified_as: Option<String>,
     #[serde(skip)]
     keep_orders: bool,
+    /// Reason code → the final statuses of the orders that carry it (for the human report).
+    #[serde(skip)]
+    reason_statuses: BTreeMap<String, std::collections::BTreeSet<String>>,
+}
+
+/// What a final status means, for the human report.
+fn gloss(status: &str) -> &'static str {
+    match status {
+        "dispensed" => "filled; nothing left on the order",
+        "partially-dispensed" => "filled once; refills (or the rest) remain on the order",
+        "verified" => "approved by the pharmacist, not filled (see its note)",
+        "awaiting-verification" => "held for a pharmacist: a blocking alert",
+        "needs-clarification" => "sent back to the prescriber to complete",
+        "rejected" => "not dispensable as written (see the reasons)",
+        "refused-at-intake" => "intake refused it (kept sealed, named above)",
+        "reviewed" | "validated" | "received" => "waiting for the next step",
+        _ => "",
+    }
 }
 
 impl Report {
@@ -72,6 +93,10 @@ impl Report {
         *self.by_status.entry(o.status.clone()).or_default() += 1;
         for r in &o.reasons {
             *self.reasons.entry(r.code.clone()).or_default() += 1;
+            self.reason_statuses
+                .entry(r.code.clone())
+                .or_default()
+                .insert(o.status.clone());
         }
         for a in &o.alerts {
             *self
@@ -154,7 +179,13 @@ impl Report {
         );
         line(&mut s, "\nFinal status".into());
         for (k, v) in &self.by_status {
-            line(&mut s, format!("  {k:<24} {v:>8}"));
+            line(&mut s, format!("  {k:<24} {v:>8}   {}", gloss(k)));
+        }
+        if let Some(p) = &self.verified_as {
+            line(
+                &mut s,
+                format!("  (orders without a blocking alert were verified and dispensed as {p})"),
+            );
         }
         if !self.reasons.is_empty() {
             line(
@@ -163,8 +194,13 @@ impl Report {
             );
             let mut top: Vec<_> = self.reasons.iter().collect();
             top.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
-            for (k, v) in top.into_iter().take(10) {
-                line(&mut s, format!("  {k:<32} {v:>8}"));
+            for (k, v) in top.into_iter().take(12) {
+                let statuses = self
+                    .reason_statuses
+                    .get(k)
+                    .map(|set| set.iter().cloned().collect::<Vec<_>>().join(", "))
+                    .unwrap_or_default();
+                line(&mut s, format!("  {k:<32} {v:>8}   {statuses}"));
             }
         }
         if !self.alerts_by_kind.is_empty() {

@@ -46,6 +46,8 @@ pub enum TokenError {
     },
     #[error("the dev signing key: {0}")]
     Key(#[from] GuardError),
+    #[error("--npi: {0}")]
+    Npi(rx_domain::ids::IdError),
 }
 
 /// Where the dev issuer keeps its key and `jwks.json` inside a data directory.
@@ -75,6 +77,10 @@ pub(crate) fn create_private_dir(dir: &Path) -> Result<(), TokenError> {
 pub fn mint(args: &TokenArgs) -> Result<String, TokenError> {
     if !(1..=24 * 60).contains(&args.ttl_minutes) {
         return Err(TokenError::Ttl);
+    }
+    if let Some(npi) = &args.npi {
+        // A token naming a mistyped NPI would match no order's requester.
+        rx_domain::ids::npi_check(npi).map_err(TokenError::Npi)?;
     }
     create_private_dir(&args.data_dir)?;
     create_private_dir(&issuer_dir(&args.data_dir))?;

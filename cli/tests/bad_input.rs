@@ -329,3 +329,32 @@ fn an_export_whose_reader_leaves_early_ends_quietly() {
         text(&done.stderr)
     );
 }
+
+/// A prescriber token naming a mistyped NPI would match no order: refused with the NPI rule,
+/// and nothing is created.
+#[test]
+fn a_token_with_an_invalid_npi_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("d");
+    for npi in ["123", "1234567890"] {
+        let out = run(&[
+            "token",
+            "--role",
+            "prescriber",
+            "--sub",
+            "dr-x",
+            "--npi",
+            npi,
+            "--data-dir",
+            d.to_str().unwrap(),
+        ]);
+        assert_eq!(out.status.code(), Some(1), "{npi}");
+        assert!(
+            text(&out.stderr).contains("--npi:"),
+            "{}",
+            text(&out.stderr)
+        );
+        assert!(out.stdout.is_empty());
+    }
+    assert!(!d.exists(), "no data directory for a refused token");
+}
