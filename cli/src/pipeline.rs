@@ -18,6 +18,7 @@ use futures::stream::{FuturesOrdered, StreamExt};
 use rx_domain::{AlertKind, MedicationOrder, Severity, Status};
 use rx_guard::access::{Principal, Role};
 use rx_guard::audit::{Actor, Purpose};
+use rx_guard::blind::normalize;
 use rx_platform::config::Config;
 use rx_platform::event::{EventKind, PipelineEvent};
 use rx_platform::flow::{load_rx, Rx};
@@ -215,15 +216,21 @@ impl Pipeline {
     /// Group change sets into one durable transaction every [`BATCH`] calls (bulk runs). The
     /// batch is opened and committed on the store's thread, between the jobs sent before and
     /// after.
+    /// A full batch is committed first, so what follows the call is always inside an open one.
     pub async fn tick_batch(&self) -> Result<(), StepError> {
+        if self.batch_full() {
+            self.flush().await?;
+        }
         if self.in_batch.get() == 0 {
             self.front.begin_batch().await?;
         }
         self.in_batch.set(self.in_batch.get() + 1);
-        if self.in_batch.get() >= BATCH {
-            self.flush().await?;
-        }
         Ok(())
+    }
+
+    /// Whether the next [`Pipeline::tick_batch`] commits the batch.
+    pub fn batch_full(&self) -> bool {
+        self.in_batch.get() >= BATCH
     }
 
     /// Make everything so far durable.
@@ -287,23 +294,28 @@ impl Pipeline {
             }
             Err(e) => return Err(e),
         };
-        drain(&svc, event.into_iter().collect()).await?;
         let rx_id = accepted.rx_id;
+        let mut events: Vec<PipelineEvent> = event.into_iter().collect();
+        if accepted.duplicate && events.is_empty() {
+            // An earlier run that stopped between the queue steps left the order validated
+            // (intake itself sends a received one on again): carry it on from there.
+            let stored = load_rx(&svc, &self.report_cx(), &tenant, &rx_id).await?;
+            events = rx_platform::flow::redeliver(&stored, &[Status::Validated]);
+        }
+        let resumed = !events.is_empty();
+        drain(&svc, events).await?;
         // One read for the report (and the pharmacist's decision); verify and dispense say
         // what they changed.
         let rx = load_rx(&svc, &self.report_cx(), &tenant, &rx_id).await?;
         let mut status = rx.status;
         let mut notes = Vec::new();
-        if accepted.duplicate {
-            let mut outcome = self.outcome(source_id, &rx);
-            outcome.already_stored = true;
-            return Ok(outcome);
-        }
+        let mut acted = false;
         if let Some(p) = self.pharmacist.clone() {
-            if rx.status == Status::AwaitingVerification
-                && !rx.record.alerts.iter().any(|a| a.is_blocking())
-            {
+            // New orders, and those an earlier run left in the queue or verified but not filled.
+            let unblocked = !rx.record.alerts.iter().any(|a| a.is_blocking());
+            if matches!(rx.status, Status::AwaitingVerification | Status::Verified) && unblocked {
                 let (now, note) = self.verify_and_dispense(&svc, &p, &rx).await?;
+                acted = now.is_some_and(|now| now != rx.status);
                 status = now.unwrap_or(status);
                 notes.extend(note);
             }
@@ -311,6 +323,7 @@ impl Pipeline {
         let mut outcome = self.outcome(source_id, &rx);
         outcome.status = status.as_str().to_string();
         outcome.reasons.extend(notes);
+        outcome.already_stored = accepted.duplicate && !resumed && !acted;
         Ok(outcome)
     }
 
@@ -326,11 +339,15 @@ impl Pipeline {
         let approve: rx_fn_verify::VerifyRequest =
             serde_json::from_value(serde_json::json!({ "decision": "approve" }))
                 .map_err(|e| StepError::invalid(format!("verification request: {e}")))?;
-        let verified =
+        // An order verified by an earlier run that stopped before the fill goes straight on.
+        let verified = if rx.status == Status::Verified {
+            Status::Verified
+        } else {
             match with_retry(true, || rx_fn_verify::handle(svc, p, None, rx_id, &approve)).await {
                 Ok(v) => v.status,
                 Err(e) => return Ok((None, left_with_pharmacist(e, "verification-refused")?)),
-            };
+            }
+        };
         // An order that states no quantity is filled for the default supply at the dose its
         // dosage gives; with neither, the pharmacist has to enter the quantity.
         let order = &rx.record.order;
@@ -449,12 +466,20 @@ impl<'p, T: 'p> Lanes<'p, T> {
         at: Option<DateTime<Utc>>,
         tag: T,
     ) -> Result<Vec<(OrderOutcome, T)>, StepError> {
-        let mut lanes = vec![format!("patient:{}", order.patient_ref)];
+        // The store finds a patient's file and an order by the blind index of the normalized
+        // reference (case and spacing aside): two spellings of one are one lane.
+        let mut lanes = vec![format!("patient:{}", normalize(&order.patient_ref))];
         if let Some(id) = &order.source_id {
-            lanes.push(format!("source:{id}"));
+            lanes.push(format!("source:{}", normalize(id)));
         }
         let mut ended = Vec::new();
-        while self.flights.len() >= self.width || lanes.iter().any(|l| self.busy.contains_key(l)) {
+        // Each durable batch holds whole orders: before it is committed, every order in flight
+        // ends (a killed run then loses whole orders, which a rerun redoes from the start).
+        let wait_all = self.p.batch_full();
+        while self.flights.len() >= self.width
+            || (wait_all && !self.flights.is_empty())
+            || lanes.iter().any(|l| self.busy.contains_key(l))
+        {
             match self.next().await? {
                 Some(done) => ended.push(done),
                 None => break,

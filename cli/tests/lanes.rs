@@ -78,3 +78,105 @@ fn a_replay_of_ten_patients_histories_in_flight_gives_what_one_at_a_time_gives()
         "test-pharmacist",
     ]);
 }
+
+/// Two spellings of one patient reference (the store finds the patient by the blind index of
+/// the normalized reference, so case does not matter) are one lane: each order of a pair is
+/// reviewed after the other, at every width. (Attack F2: keyed on the raw reference, the second
+/// order of a pair was reviewed beside the first and its alerts changed with the width.)
+#[test]
+fn two_spellings_of_one_patient_are_one_lane() {
+    let tmp = tempfile::tempdir().unwrap();
+    let export = tmp.path().join("export");
+    let out = run(&[
+        "generate",
+        "--orders",
+        "64",
+        "--seed",
+        "3",
+        "--out",
+        export.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let path = export.join("MedicationRequest.ndjson");
+    let mut lines = Vec::new();
+    for line in std::fs::read_to_string(&path).unwrap().lines() {
+        let order: Value = serde_json::from_str(line).unwrap();
+        lines.push(order.to_string());
+        // The same order again a second later, under another id and the reference upper-cased.
+        let mut again = order.clone();
+        let id = order["id"].as_str().unwrap();
+        again["id"] = Value::String(format!("{id}-again"));
+        let reference = order["subject"]["reference"].as_str().unwrap();
+        let (kind, pid) = reference.split_once('/').unwrap();
+        again["subject"]["reference"] = Value::String(format!("{kind}/{}", pid.to_uppercase()));
+        let at = chrono::DateTime::parse_from_rfc3339(order["authoredOn"].as_str().unwrap())
+            .unwrap()
+            + chrono::Duration::seconds(1);
+        again["authoredOn"] = Value::String(at.to_rfc3339());
+        if let Some(meta) = again.get_mut("meta").and_then(Value::as_object_mut) {
+            meta.remove("lastUpdated");
+        }
+        lines.push(again.to_string());
+    }
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    same_either_way(&[
+        "run",
+        "--input",
+        export.to_str().unwrap(),
+        "--replay",
+        "--verify-as",
+        "test-pharmacist",
+    ]);
+}
+
+/// A run that stopped at the pharmacist queue (no `--verify-as`) is carried on by running the
+/// same export again with a pharmacist named: every order left waiting without a blocking
+/// alert is verified and filled, and those count as processed, not as already stored.
+#[test]
+fn a_rerun_with_a_pharmacist_carries_on_the_orders_left_in_the_queue() {
+    let tmp = tempfile::tempdir().unwrap();
+    let export = tmp.path().join("export");
+    let out = run(&[
+        "generate",
+        "--orders",
+        "300",
+        "--out",
+        export.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let data = tmp.path().join("data");
+    let input = ["run", "--input", export.to_str().unwrap(), "--replay"];
+    let first = json_run(&input, &data, 8);
+    let queued = by_status(&first, "awaiting-verification");
+    assert!(queued > 200, "{:#}", first["by_status"]);
+    assert_eq!(
+        by_status(&first, "dispensed") + by_status(&first, "partially-dispensed"),
+        0
+    );
+
+    let mut again = input.to_vec();
+    again.extend(["--verify-as", "test-pharmacist"]);
+    let second = json_run(&again, &data, 8);
+    let left: Vec<&Value> = second["orders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|o| o["status"] == "awaiting-verification")
+        .collect();
+    for o in &left {
+        let alerts = o["alerts"].as_array().unwrap();
+        assert!(
+            alerts.iter().any(|a| a["severity"] == "high"),
+            "left waiting without a blocking alert: {o}"
+        );
+    }
+    let filled = by_status(&second, "dispensed") + by_status(&second, "partially-dispensed");
+    assert!(filled > 150, "{:#}", second["by_status"]);
+    let already = second["already_stored"].as_u64().unwrap();
+    assert_eq!(
+        already,
+        300 - filled - by_status(&second, "verified"),
+        "{second:#}"
+    );
+    assert_eq!(second["audit_verified"], true);
+}
