@@ -92,6 +92,11 @@ struct Inner {
     head: Option<Head>,
     /// Group commit ([`SqliteStore::group_commit`]): a change set outside a batch opens one.
     group: bool,
+    /// Why the open batch was lost, when SQLite rolled its whole transaction back after a
+    /// failed statement (it does on a full disk, an I/O error, running out of memory). Until
+    /// the batch is ended, which reports it, every change set is refused: one committed on its
+    /// own would survive while the batch's earlier ones are gone.
+    batch_lost: Option<String>,
 }
 
 /// First come, first served access to the one connection. A plain mutex lets the thread that
@@ -230,6 +235,7 @@ impl SqliteStore {
                 in_unit: false,
                 head: None,
                 group: false,
+                batch_lost: None,
             }),
             lost_commits: AtomicU64::new(0),
             turns: Turns::default(),
@@ -343,12 +349,36 @@ impl SqliteStore {
     /// Commits the open batch: everything committed inside it becomes durable.
     pub fn end_batch(&self) -> StoreResult<()> {
         let mut inner = self.lock();
+        if let Some(why) = inner.batch_lost.take() {
+            return Err(lost_batch(&why));
+        }
         if !inner.in_batch {
             return Err(StoreError::Unavailable(
                 "no batch is open on this store; call begin_batch first".into(),
             ));
         }
         self.commit_batch(&mut inner)
+    }
+
+    /// Caps the database file at `pages` pages (`PRAGMA max_page_count`) on this connection:
+    /// a write past it fails as on a full disk ("database or disk is full"), and SQLite rolls
+    /// the open transaction back. For operators who bound the store, and for tests of that path.
+    pub fn limit_pages(&self, pages: u64) -> StoreResult<()> {
+        let inner = self.lock();
+        inner
+            .conn
+            .query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(()))
+            .map_err(|e| map("limiting the store's size", e))
+    }
+
+    /// The store's size in pages (`PRAGMA page_count`).
+    pub fn page_count(&self) -> StoreResult<u64> {
+        let inner = self.lock();
+        inner
+            .conn
+            .query_row("PRAGMA page_count", [], |r| r.get::<_, i64>(0))
+            .map(|n| u64::try_from(n).unwrap_or(0))
+            .map_err(|e| map("reading the store's size", e))
     }
 
     /// Group commit, for a server: while on, a change set outside a batch opens one (and
@@ -363,6 +393,9 @@ impl SqliteStore {
     /// batch's change sets are lost and [`RecordStore::lost_commits`] counts it.
     pub fn sync(&self) -> StoreResult<()> {
         let mut inner = self.lock();
+        if let Some(why) = inner.batch_lost.take() {
+            return Err(lost_batch(&why));
+        }
         if !inner.in_batch {
             return Ok(());
         }
@@ -385,6 +418,12 @@ impl SqliteStore {
 
     /// In group-commit mode, opens the batch a change set joins.
     fn join_group(&self, inner: &mut Inner, what: &str) -> StoreResult<()> {
+        if let Some(why) = &inner.batch_lost {
+            return Err(StoreError::Unavailable(format!(
+                "{what}: the open batch was lost ({why}) and has not been ended yet; nothing \
+                 more is written until it is"
+            )));
+        }
         if inner.group && !inner.in_batch {
             self.check_file()?;
             open_batch(inner, what)?;
@@ -449,17 +488,29 @@ impl SqliteStore {
         };
         let result = f(&inner.conn, &inner.tables, head)
             .and_then(|v| exec(&inner.conn, end).map(|()| v).map_err(|e| map(what, e)));
-        if result.is_err() {
+        if let Err(e) = &result {
             inner.head = None;
             if batch {
                 let _ = exec(&inner.conn, "ROLLBACK TO change_set");
                 let _ = exec(&inner.conn, "RELEASE change_set");
+                self.note_batch_loss(inner, e);
             } else {
                 rollback_if_open(&inner.conn);
             }
         }
         inner.in_unit = false;
         result
+    }
+
+    /// After a statement inside the batch failed: if SQLite rolled the whole transaction back,
+    /// the batch is gone (see [`Inner::batch_lost`]).
+    fn note_batch_loss(&self, inner: &mut Inner, e: &StoreError) {
+        if inner.in_batch && inner.conn.is_autocommit() {
+            inner.in_batch = false;
+            inner.head = None;
+            inner.batch_lost = Some(e.to_string());
+            self.lost_commits.fetch_add(1, Ordering::SeqCst);
+        }
     }
 
     /// Appends audit events on their own. Inside a batch one event is one INSERT, atomic by
@@ -471,8 +522,9 @@ impl SqliteStore {
             self.join_group(inner, "appending audit events")?;
             if inner.in_batch && events.len() == 1 {
                 let result = append_events(&inner.conn, events, &mut inner.head);
-                if result.is_err() {
+                if let Err(e) = &result {
                     inner.head = None;
+                    self.note_batch_loss(inner, e);
                 }
                 return result;
             }
@@ -588,6 +640,13 @@ fn open_batch(inner: &mut Inner, what: &str) -> StoreResult<()> {
     inner.in_batch = true;
     inner.head = None;
     Ok(())
+}
+
+fn lost_batch(why: &str) -> StoreError {
+    StoreError::Unavailable(format!(
+        "the batch was lost: {why}; SQLite rolled it back, so none of its change sets is \
+         stored; run the same work again once the cause is fixed"
+    ))
 }
 
 fn rollback_if_open(conn: &Connection) {

@@ -308,9 +308,16 @@ impl AuditSink for StoreThread {
             return Ok(());
         }
         let events = events.to_vec();
-        self.call(move |s| block_on(s.append(&events)))
+        let done = self
+            .call(move |s| block_on(s.append(&events)))
             .await
-            .map_err(|e| GuardError::AuditUnavailable(e.to_string()))?
+            .map_err(|e| GuardError::AuditUnavailable(e.to_string()))
+            .and_then(|r| r);
+        if done.is_err() {
+            // The failure may have cost the batch its rows (see `commit`).
+            self.rows().forget();
+        }
+        done
     }
 }
 
