@@ -317,3 +317,27 @@ fn a_chain_column_rewritten_with_another_type_is_the_break_at_its_event() {
     let report: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(report["first_break"]["seq"], 12, "{json}");
 }
+
+/// A row inserted before the first event (seq 0 or below: no trigger stops an INSERT) lies
+/// outside the chain the check walks from 1; it is a break all the same, and the first one.
+/// (Attack F4: `audit verify` said intact while `audit events` listed the forged row.)
+#[test]
+fn a_row_inserted_before_the_first_event_is_a_break() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    demo(&base, "42", "40");
+    for seq in [0, -5] {
+        let d = tmp.path().join(format!("at{seq}"));
+        copy_dir(&base, &d);
+        tamper(
+            &d,
+            &format!(
+                "INSERT INTO audit SELECT {seq}, 'forged-event', at, 'user:mallory', action, \
+                 resource_id, patient, 0, body, prev, hash FROM audit WHERE seq = 1"
+            ),
+        );
+        let (ok, out, err) = verify(&d, &[]);
+        assert!(!ok, "seq {seq}: a forged row verified: {out}{err}");
+        assert!(out.contains(&format!("numbered {seq}")), "{out}{err}");
+    }
+}

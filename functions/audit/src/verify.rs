@@ -206,7 +206,19 @@ async fn verify(
         chain: Verifier::new(),
         sealing: Sealing::new(rows, trusted_public_key.map(<[u8]>::to_vec)),
     });
-    let (walker, mut found) = walk(store, walker).await?;
+    // A row numbered below the first event lies outside the chain the walk follows (from 1).
+    let stray = match store.audit_lowest_seq().await? {
+        Some(low) if low < 1 => Some(Break::trail(
+            BreakKind::SequenceGap,
+            format!(
+                "the trail holds an audit row numbered {low}, before its first event (1): a row \
+                 was inserted outside the chain"
+            ),
+        )),
+        _ => None,
+    };
+    let (walker, walked) = walk(store, walker).await?;
+    let mut found = stray.or(walked);
     report.events = walker.chain.len();
     report.events_sealed = walker.sealing.sealed;
     if found.is_none() {

@@ -213,6 +213,9 @@ pub trait RecordStore: AuditSink + Send + Sync {
 
     /// Number of audit events in the trail (the last seq).
     async fn audit_len(&self) -> StoreResult<u64>;
+    /// The lowest sequence number stored, if any row is: a trail starts at 1, so anything lower
+    /// is a row put there outside the chain.
+    async fn audit_lowest_seq(&self) -> StoreResult<Option<i64>>;
     /// Audit events with `seq >= from_seq`, in order, at most `limit`.
     async fn audit_range(&self, from_seq: u64, limit: usize) -> StoreResult<Vec<ChainedEvent>>;
     /// [`RecordStore::audit_range`] for verification: also checks that each event's searchable

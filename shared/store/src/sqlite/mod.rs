@@ -1066,6 +1066,16 @@ impl RecordStore for SqliteStore {
         )
     }
 
+    async fn audit_lowest_seq(&self) -> StoreResult<Option<i64>> {
+        self.read(
+            |conn, _| {
+                conn.prepare_cached(schema::AUDIT_LOWEST_SEQ)?
+                    .query_row([], |r| r.get(0))
+            },
+            "reading the first audit event's number",
+        )
+    }
+
     async fn audit_range(
         &self,
         from_seq: u64,

@@ -246,6 +246,7 @@ pub(crate) const INSERT_AUDIT: &str =
     "INSERT INTO audit (seq, event_id, at, subject, action, resource_id, patient, break_glass,
      body, prev, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)";
 pub(crate) const AUDIT_LEN: &str = "SELECT COALESCE(MAX(seq), 0) FROM audit";
+pub(crate) const AUDIT_LOWEST_SEQ: &str = "SELECT MIN(seq) FROM audit";
 pub(crate) const AUDIT_RANGE: &str =
     "SELECT seq, body, prev, hash FROM audit WHERE seq >= ?1 ORDER BY seq LIMIT ?2";
 

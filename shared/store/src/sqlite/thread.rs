@@ -427,6 +427,10 @@ impl RecordStore for StoreThread {
         self.call(|s| block_on(s.audit_len())).await?
     }
 
+    async fn audit_lowest_seq(&self) -> StoreResult<Option<i64>> {
+        self.call(|s| block_on(s.audit_lowest_seq())).await?
+    }
+
     async fn audit_range(&self, from_seq: u64, limit: usize) -> StoreResult<Vec<ChainedEvent>> {
         self.call(move |s| block_on(s.audit_range(from_seq, limit)))
             .await?
