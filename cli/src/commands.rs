@@ -375,6 +375,7 @@ async fn finish(
 ) -> Result<Ended, CommandError> {
     p.flush().await?;
     p.stop_store_thread();
+    p.emb.check_keys()?;
     p.emb.store.resume_audit_search().map_err(StepError::from)?;
     report.finish(started.elapsed(), p.services().vault.sealer.stats());
     // Seal what the run wrote into a signed checkpoint, then check the whole trail.

@@ -299,6 +299,12 @@ async fn audit(command: AuditCommand) -> Result<ExitCode, CommandError> {
     let open = |data: DataDirArg| -> Result<_, CommandError> {
         commands::open_existing(&commands::config_for(data.data_dir)?)
     };
+    // Sealing writes checkpoints: one writer at a time (see hold_data_dir).
+    let open_to_seal = |data: DataDirArg| -> Result<_, CommandError> {
+        let emb = commands::open_existing(&commands::config_for(data.data_dir)?)?;
+        let lock = rx_platform::services::hold_data_dir(&emb.data_dir)?;
+        Ok((emb, lock))
+    };
     let json_line = |v: &dyn erased::Json| -> Result<(), CommandError> {
         out!("{}", v.json()?);
         Ok(())
@@ -343,7 +349,7 @@ async fn audit(command: AuditCommand) -> Result<ExitCode, CommandError> {
             })
         }
         AuditCommand::Seal { data } => {
-            let emb = open(data)?;
+            let (emb, _lock) = open_to_seal(data)?;
             match a::seal(&emb).await? {
                 Some(cp) => out!(
                     "checkpoint {} sealed: events {}..{} ({} events), root {}",
@@ -358,7 +364,7 @@ async fn audit(command: AuditCommand) -> Result<ExitCode, CommandError> {
             Ok(ExitCode::SUCCESS)
         }
         AuditCommand::Anchor { data } => {
-            let emb = open(data)?;
+            let (emb, _lock) = open_to_seal(data)?;
             let anchor = a::anchor(&emb).await?;
             out!(
                 "{}",

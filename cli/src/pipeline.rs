@@ -138,6 +138,8 @@ pub struct Pipeline {
     pharmacist: Option<Principal>,
     in_batch: Cell<u32>,
     front: Arc<StoreThread>,
+    /// The data directory's writer lock, held while the pipeline lives.
+    _lock: std::fs::File,
 }
 
 /// Change sets per durable commit in a bulk run.
@@ -157,6 +159,7 @@ impl Pipeline {
                 (Some(c.clone()), c)
             }
         };
+        let lock = rx_platform::services::hold_data_dir(&config.data_dir)?;
         let mut emb = Embedded::open(config, svc_clock)?;
         let front = StoreThread::spawn(emb.store.clone()).map_err(|e| SetupError::Store {
             path: emb.store.path().display().to_string(),
@@ -194,6 +197,7 @@ impl Pipeline {
             pharmacist,
             in_batch: Cell::new(0),
             front,
+            _lock: lock,
         })
     }
 

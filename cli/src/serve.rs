@@ -1317,6 +1317,8 @@ pub struct Server {
     state: AppState,
     sealer: Stoppable,
     checkpointer: Stoppable,
+    /// The data directory's writer lock, held while the server lives.
+    _lock: std::fs::File,
 }
 
 /// Open the embedded deployment in `args.data_dir`, build the verifier and the router, start the
@@ -1329,6 +1331,7 @@ pub async fn bind(args: &ServeArgs) -> Result<Server, ServeError> {
 pub async fn bind_with(args: &ServeArgs, limits: Limits) -> Result<Server, ServeError> {
     let mut config = Config::from_env()?;
     config.data_dir = args.data_dir.clone();
+    let lock = rx_platform::services::hold_data_dir(&config.data_dir)?;
     let embedded = Embedded::open(&config, Arc::new(SystemClock))?;
     // Group commit: concurrent requests and the pipeline share commits; every answer waits for
     // its own changes to be durable (rxhttp::durable_before_answer), the rest is synced here.
@@ -1364,6 +1367,7 @@ pub async fn bind_with(args: &ServeArgs, limits: Limits) -> Result<Server, Serve
         state,
         sealer,
         checkpointer,
+        _lock: lock,
     })
 }
 

@@ -358,3 +358,80 @@ fn a_token_with_an_invalid_npi_is_refused() {
     }
     assert!(!d.exists(), "no data directory for a refused token");
 }
+
+/// One writer per data directory: while another process holds it (a run, a server), demo, run
+/// and audit seal refuse with a message instead of racing it (two runs at once both sealed the
+/// trail at their end, and the second failed with "checkpoint 1 does not follow checkpoint 1").
+#[test]
+fn a_data_directory_in_use_by_another_writer_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("d");
+    let d = data.to_str().unwrap();
+    let out = run(&["demo", "--orders", "30", "--json", "--data-dir", d]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    let held = std::fs::OpenOptions::new()
+        .write(true)
+        .open(data.join("writer.lock"))
+        .unwrap();
+    held.try_lock().unwrap();
+    for args in [
+        vec!["demo", "--orders", "30", "--json", "--data-dir", d],
+        vec!["audit", "seal", "--data-dir", d],
+    ] {
+        let out = run(&args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert!(
+            text(&out.stderr).contains("another rxflow process"),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+    }
+    // Reading goes on beside the writer.
+    let out = run(&["audit", "verify", "--data-dir", d]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    drop(held);
+    let out = run(&["demo", "--orders", "30", "--json", "--data-dir", d]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+/// A key file removed while a run goes on: the keys live on in memory, so the run could finish
+/// and report success over records nothing can open afterwards. It ends with exit 1 saying so.
+#[test]
+fn a_key_file_removed_during_a_run_fails_the_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("d");
+    let child = rxflow()
+        .args(["demo", "--orders", "4000", "--json", "--data-dir"])
+        .arg(&data)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for the first durable batch (2,000 orders), so the key file is in use.
+    let db = data.join("rxflow.db");
+    let started = std::time::Instant::now();
+    loop {
+        let stored =
+            rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+                .and_then(|c| {
+                    c.query_row("SELECT COUNT(*) FROM prescriptions", [], |r| {
+                        r.get::<_, i64>(0)
+                    })
+                })
+                .unwrap_or(0);
+        if stored > 0 {
+            break;
+        }
+        assert!(started.elapsed().as_secs() < 120, "no batch committed");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::fs::remove_file(data.join("keys/kek.key")).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("was removed while this process ran"),
+        "{}",
+        text(&out.stderr)
+    );
+}

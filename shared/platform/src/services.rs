@@ -57,6 +57,61 @@ pub enum SetupError {
         #[source]
         source: StoreError,
     },
+    /// Another process writes to the data directory (see [`hold_data_dir`]).
+    #[error(
+        "another rxflow process (demo, run, serve, audit seal or anchor) is writing to {0}; wait \
+         for it to end, or use another --data-dir"
+    )]
+    InUse(String),
+}
+
+/// One writing process per data directory: `demo`, `run`, `serve` and the audit commands that
+/// seal hold an exclusive lock on its `writer.lock` for as long as they run (an OS file lock:
+/// it goes with the process, however it ends). Two bulk runs at once would otherwise both seal
+/// the trail at their end, and the second's checkpoint would not follow the first's.
+pub fn hold_data_dir(data_dir: &Path) -> Result<std::fs::File, SetupError> {
+    create_private_dir(data_dir)?;
+    let path = data_dir.join("writer.lock");
+    let err = |source| SetupError::DataDir {
+        path: path.display().to_string(),
+        source,
+    };
+    let mut options = std::fs::OpenOptions::new();
+    options.create(true).truncate(false).write(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let file = options.open(&path).map_err(err)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            Err(SetupError::InUse(data_dir.display().to_string()))
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(err(e)),
+    }
+}
+
+impl Embedded {
+    /// The key files this deployment opened are still in place. The keys live on in memory, so
+    /// a run goes on sealing after its key file is deleted, and leaves records no later process
+    /// can open: a bulk run checks before it reports success.
+    pub fn check_keys(&self) -> Result<(), SetupError> {
+        let paths = DataDir(&self.data_dir);
+        let kek = paths.keys().join(LocalKeyProvider::KEK_FILE);
+        for key in [kek, paths.blind_index_key()] {
+            if !key.exists() {
+                return Err(SetupError::Missing(format!(
+                    "the key file {} was removed while this process ran: what it sealed can \
+                     only be opened with that key; restore the file from backup before anything \
+                     else",
+                    key.display()
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Paths inside a data directory.
