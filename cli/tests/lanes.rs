@@ -43,6 +43,14 @@ fn json_run(args: &[&str], data: &Path, in_flight: u16) -> Value {
     report(&out)
 }
 
+/// `rxflow generate --out <export>` with `args`.
+fn generate(export: &Path, args: &[&str]) {
+    let mut all = vec!["generate", "--out", export.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let out = run(&all);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
 fn same_either_way(args: &[&str]) {
     let tmp = tempfile::tempdir().unwrap();
     let one = json_run(args, &tmp.path().join("one"), 1);
@@ -87,16 +95,7 @@ fn a_replay_of_ten_patients_histories_in_flight_gives_what_one_at_a_time_gives()
 fn two_spellings_of_one_patient_are_one_lane() {
     let tmp = tempfile::tempdir().unwrap();
     let export = tmp.path().join("export");
-    let out = run(&[
-        "generate",
-        "--orders",
-        "64",
-        "--seed",
-        "3",
-        "--out",
-        export.to_str().unwrap(),
-    ]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    generate(&export, &["--orders", "64", "--seed", "3"]);
     let path = export.join("MedicationRequest.ndjson");
     let mut lines = Vec::new();
     for line in std::fs::read_to_string(&path).unwrap().lines() {
@@ -136,14 +135,7 @@ fn two_spellings_of_one_patient_are_one_lane() {
 fn a_rerun_with_a_pharmacist_carries_on_the_orders_left_in_the_queue() {
     let tmp = tempfile::tempdir().unwrap();
     let export = tmp.path().join("export");
-    let out = run(&[
-        "generate",
-        "--orders",
-        "300",
-        "--out",
-        export.to_str().unwrap(),
-    ]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    generate(&export, &["--orders", "300"]);
     let data = tmp.path().join("data");
     let input = ["run", "--input", export.to_str().unwrap(), "--replay"];
     let first = json_run(&input, &data, 8);
