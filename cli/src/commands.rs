@@ -26,10 +26,20 @@ pub enum CommandError {
     Step(#[from] StepError),
     #[error("{0}")]
     Usage(String),
+    /// The store or a key service failed in the middle of a bulk run.
+    #[error(
+        "the run stopped: {0}. The orders of its last batch (at most 2,000) were not kept; \
+         once the cause (named in the log lines above) is fixed, the same command redoes them"
+    )]
+    Stopped(StepError),
     #[error("writing the report: {0}")]
     Output(#[from] std::io::Error),
     #[error(transparent)]
     Audit(#[from] crate::audit::AuditCmdError),
+}
+
+fn stopped(e: StepError) -> CommandError {
+    CommandError::Stopped(e)
 }
 
 /// How a command ended, for the exit code.
@@ -181,7 +191,7 @@ pub async fn run(input: &Path, replay: bool, opts: RunOptions) -> Result<Ended, 
                 } else {
                     None
                 };
-                let ended = lanes.push(order, at, line.bad).await?;
+                let ended = lanes.push(order, at, line.bad).await.map_err(stopped)?;
                 for (outcome, bad) in ended {
                     ran(&p, outcome, bad, &mut report).await?;
                     bar.inc(1);
@@ -193,7 +203,7 @@ pub async fn run(input: &Path, replay: bool, opts: RunOptions) -> Result<Ended, 
             }
         }
     }
-    for (outcome, bad) in lanes.finish().await? {
+    for (outcome, bad) in lanes.finish().await.map_err(stopped)? {
         ran(&p, outcome, bad, &mut report).await?;
         bar.inc(1);
     }
@@ -294,12 +304,12 @@ pub async fn demo(seed: u64, orders: usize, opts: RunOptions) -> Result<Ended, C
         let order = fhir::parse_medication_request(&v).map_err(StepError::from)?;
         // Judged when it reaches the pharmacy (for most orders, when it was written).
         let at = synth::arrival(&v).or(order.authored_on);
-        for (outcome, ()) in lanes.push(order, at, ()).await? {
+        for (outcome, ()) in lanes.push(order, at, ()).await.map_err(stopped)? {
             report.add(outcome);
             bar.inc(1);
         }
     }
-    for (outcome, ()) in lanes.finish().await? {
+    for (outcome, ()) in lanes.finish().await.map_err(stopped)? {
         report.add(outcome);
         bar.inc(1);
     }

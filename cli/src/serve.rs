@@ -32,7 +32,7 @@ use rx_platform::flow::break_glass_active;
 use rx_platform::http::{
     self as rxhttp, AppState, Caller, FhirJson, FhirPath, FhirQuery, Limits, NoParams,
 };
-use rx_platform::services::{Embedded, SetupError};
+use rx_platform::services::{Embedded, KeyFiles, SetupError};
 use rx_platform::{Services, StepError, SystemClock};
 use rx_store::repo::domains;
 use rx_store::sqlite::SqliteStore;
@@ -589,6 +589,8 @@ fn seal_now(
 struct ServeState {
     app: AppState,
     pipeline: Pipeline,
+    /// The key files the server opened (embedded deployment), checked by `/healthz`.
+    keys: Option<KeyFiles>,
 }
 
 impl FromRef<ServeState> for AppState {
@@ -600,7 +602,7 @@ impl FromRef<ServeState> for AppState {
 type Answer = Result<Response, StepError>;
 
 /// The router of every endpoint, wrapped in the shared HTTP layer.
-pub fn app(state: AppState, pipeline: Pipeline, limits: &Limits) -> Router {
+pub fn app(state: AppState, pipeline: Pipeline, keys: Option<KeyFiles>, limits: &Limits) -> Router {
     let svc = state.svc.clone();
     let routes = Router::new()
         .route("/healthz", get(healthz))
@@ -619,6 +621,7 @@ pub fn app(state: AppState, pipeline: Pipeline, limits: &Limits) -> Router {
         .with_state(ServeState {
             app: state,
             pipeline,
+            keys,
         })
         .layer(axum::middleware::from_fn_with_state(
             svc,
@@ -627,8 +630,19 @@ pub fn app(state: AppState, pipeline: Pipeline, limits: &Limits) -> Router {
     rxhttp::with_layers(routes, limits)
 }
 
-async fn healthz() -> Response {
-    rxhttp::fhir(StatusCode::OK, &json!({"status": "pass"}))
+/// Passes while the key files the server opened are in place and unchanged: with one removed or
+/// replaced, what it seals from then on could never be opened again (the keys live on in memory).
+async fn healthz(State(st): State<ServeState>) -> Response {
+    match st.keys.as_ref().map(KeyFiles::check) {
+        Some(Err(e)) => {
+            tracing::error!(error = %e, "key files changed under the server");
+            rxhttp::fhir(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &json!({"status": "fail", "output": e.to_string()}),
+            )
+        }
+        _ => rxhttp::fhir(StatusCode::OK, &json!({"status": "pass"})),
+    }
 }
 
 /// The NPI an order names as its prescriber (looked up in the submission's Practitioners for a
@@ -1317,6 +1331,7 @@ pub struct Server {
     state: AppState,
     sealer: Stoppable,
     checkpointer: Stoppable,
+    keys: KeyFiles,
     /// The data directory's writer lock, held while the server lives.
     _lock: std::fs::File,
 }
@@ -1345,10 +1360,11 @@ pub async fn bind_with(args: &ServeArgs, limits: Limits) -> Result<Server, Serve
         seal_every,
     )?;
     let verifier = verifier_from_env(&args.data_dir, |k| std::env::var(k).ok())?;
+    let keys = embedded.key_files();
     let state = AppState::new(embedded.services, verifier, &config.tenant);
     let (pipeline, pipeline_done) =
         spawn_pipeline(state.svc.clone(), Resume::Pending, PIPELINE_QUEUE)?;
-    let router = app(state.clone(), pipeline, &limits);
+    let router = app(state.clone(), pipeline, Some(keys.clone()), &limits);
     let listener = TcpListener::bind(args.addr)
         .await
         .map_err(|source| ServeError::Bind {
@@ -1367,6 +1383,7 @@ pub async fn bind_with(args: &ServeArgs, limits: Limits) -> Result<Server, Serve
         state,
         sealer,
         checkpointer,
+        keys,
         _lock: lock,
     })
 }
@@ -1424,6 +1441,8 @@ impl Server {
         if !self.checkpointer.stop().await {
             tracing::error!("the checkpointer did not finish; the next open folds the log in");
         }
+        // A key file removed or replaced while serving: say so, and do not end as if all is well.
+        self.keys.check()?;
         served.map_err(ServeError::Serve)
     }
 }

@@ -370,10 +370,8 @@ fn a_data_directory_in_use_by_another_writer_is_refused() {
     let out = run(&["demo", "--orders", "30", "--json", "--data-dir", d]);
     assert!(out.status.success(), "{}", text(&out.stderr));
 
-    let held = std::fs::OpenOptions::new()
-        .write(true)
-        .open(data.join("writer.lock"))
-        .unwrap();
+    // The lock is on the directory itself: no file in it can be removed to get around it.
+    let held = std::fs::File::open(&data).unwrap();
     held.try_lock().unwrap();
     for args in [
         vec!["demo", "--orders", "30", "--json", "--data-dir", d],
@@ -395,20 +393,19 @@ fn a_data_directory_in_use_by_another_writer_is_refused() {
     assert!(out.status.success(), "{}", text(&out.stderr));
 }
 
-/// A key file removed while a run goes on: the keys live on in memory, so the run could finish
-/// and report success over records nothing can open afterwards. It ends with exit 1 saying so.
-#[test]
-fn a_key_file_removed_during_a_run_fails_the_run() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("d");
+/// Starts a 4,000-order demo in `data`, waits for its first durable batch (so the key files
+/// are in use), does `to_keys` to the keys folder, and returns the demo's output.
+fn demo_with_keys_changed_midway(
+    data: &std::path::Path,
+    to_keys: impl FnOnce(&std::path::Path),
+) -> std::process::Output {
     let child = rxflow()
         .args(["demo", "--orders", "4000", "--json", "--data-dir"])
-        .arg(&data)
+        .arg(data)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // Wait for the first durable batch (2,000 orders), so the key file is in use.
     let db = data.join("rxflow.db");
     let started = std::time::Instant::now();
     loop {
@@ -426,12 +423,47 @@ fn a_key_file_removed_during_a_run_fails_the_run() {
         assert!(started.elapsed().as_secs() < 120, "no batch committed");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    std::fs::remove_file(data.join("keys/kek.key")).unwrap();
-    let out = child.wait_with_output().unwrap();
+    to_keys(&data.join("keys"));
+    child.wait_with_output().unwrap()
+}
+
+/// A key file removed or replaced while a run goes on: the keys live on in memory, so the run
+/// could finish and report success over records nothing can open afterwards. It ends with
+/// exit 1 saying so.
+#[test]
+fn a_key_file_removed_or_replaced_during_a_run_fails_the_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = demo_with_keys_changed_midway(&tmp.path().join("removed"), |keys| {
+        std::fs::remove_file(keys.join("kek.key")).unwrap()
+    });
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
     assert!(
         text(&out.stderr).contains("was removed while this process ran"),
         "{}",
         text(&out.stderr)
     );
+
+    // Another data directory's key in its place (attack: the run reported success).
+    let other = tmp.path().join("other");
+    let made = run(&[
+        "demo",
+        "--orders",
+        "5",
+        "--json",
+        "--data-dir",
+        other.to_str().unwrap(),
+    ]);
+    assert!(made.status.success());
+    for file in ["kek.key", "blind-index.key"] {
+        let data = tmp.path().join(format!("replaced-{file}"));
+        let out = demo_with_keys_changed_midway(&data, |keys| {
+            std::fs::copy(other.join("keys").join(file), keys.join(file)).unwrap();
+        });
+        assert_eq!(out.status.code(), Some(1), "{file}: {}", text(&out.stderr));
+        assert!(
+            text(&out.stderr).contains("was replaced while this process ran"),
+            "{file}: {}",
+            text(&out.stderr)
+        );
+    }
 }

@@ -416,6 +416,54 @@ async fn healthz_answers_without_a_token() {
     s.stop().await;
 }
 
+/// A key file removed or replaced under a running server: its keys live on in memory, so it
+/// would go on sealing what no later process can open. `/healthz` fails from then on, and the
+/// server's stop ends in an error instead of success.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_fails_once_a_key_file_is_removed() {
+    let mut s = TestServer::start().await;
+    let kek = s.data_dir().join("keys/kek.key");
+    let saved = std::fs::read(&kek).unwrap();
+    std::fs::remove_file(&kek).unwrap();
+    let r = s.call("GET", "/healthz", None, None).await;
+    assert_eq!(r.status, 503, "{}", r.text);
+    assert_eq!(r.json["status"], "fail");
+    assert!(
+        r.json["output"].as_str().unwrap().contains("was removed"),
+        "{}",
+        r.text
+    );
+    // Another key in its place is no better.
+    let private = |path: &std::path::Path| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    };
+    let mut other = saved.clone();
+    other[0] ^= 1;
+    std::fs::write(&kek, &other).unwrap();
+    private(&kek);
+    let r = s.call("GET", "/healthz", None, None).await;
+    assert_eq!(r.status, 503, "{}", r.text);
+    assert!(
+        r.json["output"].as_str().unwrap().contains("was replaced"),
+        "{}",
+        r.text
+    );
+    // The original back: healthy again.
+    std::fs::write(&kek, &saved).unwrap();
+    private(&kek);
+    let r = s.call("GET", "/healthz", None, None).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    std::fs::remove_file(&kek).unwrap();
+    let ended = s.stop_result().await;
+    assert!(
+        ended
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("was removed")),
+        "{ended:?}"
+    );
+}
+
 /// A client that sends its headers a little at a time is cut off once the header-read timeout
 /// (10 s) has passed, instead of holding its connection (and a graceful stop) for ever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -288,6 +288,16 @@ fn temp_path(path: &Path) -> PathBuf {
     ))
 }
 
+/// A digest (SHA-256) of a key file as it is now, to tell later whether it was replaced; the
+/// file is only read, never created.
+pub fn key_file_print(path: &Path) -> Result<[u8; 32]> {
+    let bytes = read_key_file(path)?;
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &bytes);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest.as_ref());
+    Ok(out)
+}
+
 fn read_key_file(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
     let mut f = fs::File::open(path).map_err(|e| io_err(path, e))?;
     let meta = f.metadata().map_err(|e| io_err(path, e))?;

@@ -32,7 +32,13 @@ pub struct Embedded {
     pub services: Services,
     pub store: Arc<SqliteStore>,
     pub data_dir: PathBuf,
+    /// The key files opened, with a digest of each as it was (see [`Embedded::check_keys`]).
+    key_prints: KeyFiles,
 }
+
+/// The key files a deployment opened, with a digest of each as it was then.
+#[derive(Clone, Debug)]
+pub struct KeyFiles(Arc<Vec<(PathBuf, [u8; 32])>>);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
@@ -57,6 +63,12 @@ pub enum SetupError {
         #[source]
         source: StoreError,
     },
+    #[error("cannot lock the data directory {path} for writing: {source}")]
+    Lock {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     /// Another process writes to the data directory (see [`hold_data_dir`]).
     #[error(
         "another rxflow process (demo, run, serve, audit seal or anchor) is writing to {0}; wait \
@@ -66,26 +78,19 @@ pub enum SetupError {
 }
 
 /// One writing process per data directory: `demo`, `run`, `serve` and the audit commands that
-/// seal hold an exclusive lock on its `writer.lock` for as long as they run (an OS file lock:
-/// it goes with the process, however it ends). Two bulk runs at once would otherwise both seal
-/// the trail at their end, and the second's checkpoint would not follow the first's.
+/// seal hold an exclusive lock on the directory itself for as long as they run (an OS file lock
+/// on its handle: it goes with the process, however it ends, and no file in the directory can be
+/// deleted or swapped to get around it). Two bulk runs at once would otherwise both seal the
+/// trail at their end, and the second's checkpoint would not follow the first's.
 pub fn hold_data_dir(data_dir: &Path) -> Result<std::fs::File, SetupError> {
     create_private_dir(data_dir)?;
-    let path = data_dir.join("writer.lock");
-    let err = |source| SetupError::DataDir {
-        path: path.display().to_string(),
+    let err = |source| SetupError::Lock {
+        path: data_dir.display().to_string(),
         source,
     };
-    let mut options = std::fs::OpenOptions::new();
-    options.create(true).truncate(false).write(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    let file = options.open(&path).map_err(err)?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
+    let dir = std::fs::File::open(data_dir).map_err(err)?;
+    match dir.try_lock() {
+        Ok(()) => Ok(dir),
         Err(std::fs::TryLockError::WouldBlock) => {
             Err(SetupError::InUse(data_dir.display().to_string()))
         }
@@ -94,19 +99,42 @@ pub fn hold_data_dir(data_dir: &Path) -> Result<std::fs::File, SetupError> {
 }
 
 impl Embedded {
-    /// The key files this deployment opened are still in place. The keys live on in memory, so
-    /// a run goes on sealing after its key file is deleted, and leaves records no later process
-    /// can open: a bulk run checks before it reports success.
+    /// The key files this deployment opened are still in place, and still the same. The keys
+    /// live on in memory, so a process goes on sealing after its key file is deleted or
+    /// replaced, and leaves records no later process can open: a bulk run checks before it
+    /// reports success, a server in its health check and when it stops.
     pub fn check_keys(&self) -> Result<(), SetupError> {
-        let paths = DataDir(&self.data_dir);
-        let kek = paths.keys().join(LocalKeyProvider::KEK_FILE);
-        for key in [kek, paths.blind_index_key()] {
-            if !key.exists() {
+        self.key_prints.check()
+    }
+
+    /// The key files this deployment opened, to check later ([`KeyFiles::check`]).
+    pub fn key_files(&self) -> KeyFiles {
+        self.key_prints.clone()
+    }
+}
+
+impl KeyFiles {
+    /// Every key file is still in place and unchanged.
+    pub fn check(&self) -> Result<(), SetupError> {
+        for (path, print) in self.0.iter() {
+            if !path.exists() {
                 return Err(SetupError::Missing(format!(
                     "the key file {} was removed while this process ran: what it sealed can \
                      only be opened with that key; restore the file from backup before anything \
                      else",
-                    key.display()
+                    path.display()
+                )));
+            }
+            let now = rx_guard::keys::key_file_print(path).map_err(|source| SetupError::Keys {
+                dir: path.display().to_string(),
+                source,
+            })?;
+            if now != *print {
+                return Err(SetupError::Missing(format!(
+                    "the key file {} was replaced while this process ran: what it sealed can \
+                     only be opened with the key it had; restore that file from backup before \
+                     anything else",
+                    path.display()
                 )));
             }
         }
@@ -205,6 +233,14 @@ impl Embedded {
                 }
             }
         }
+        let key_prints = [kek.clone(), paths.blind_index_key()]
+            .into_iter()
+            .map(|path| {
+                let print = rx_guard::keys::key_file_print(&path).map_err(keys_err)?;
+                Ok((path, print))
+            })
+            .collect::<Result<Vec<_>, SetupError>>()?;
+        let key_prints = KeyFiles(Arc::new(key_prints));
         let sealer = Arc::new(Sealer::new(Arc::new(provider), CacheLimits::default()));
         let vault = Vault::new(store.clone(), sealer, index);
         Ok(Embedded {
@@ -217,6 +253,7 @@ impl Embedded {
             },
             store,
             data_dir: dir.clone(),
+            key_prints,
         })
     }
 }

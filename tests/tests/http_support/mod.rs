@@ -306,6 +306,17 @@ impl TestServer {
         }
     }
 
+    /// Stop the server (graceful) and give back how it ended.
+    pub async fn stop_result(&mut self) -> Result<(), serve::ServeError> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        match self.handle.take() {
+            Some(h) => h.await.expect("server task"),
+            None => Ok(()),
+        }
+    }
+
     /// The server's data directory.
     pub fn data_dir(&self) -> std::path::PathBuf {
         self.data_dir.clone()
