@@ -38,10 +38,6 @@ pub enum CommandError {
     Audit(#[from] crate::audit::AuditCmdError),
 }
 
-fn stopped(e: StepError) -> CommandError {
-    CommandError::Stopped(e)
-}
-
 /// How a command ended, for the exit code.
 pub enum Ended {
     Clean,
@@ -191,7 +187,10 @@ pub async fn run(input: &Path, replay: bool, opts: RunOptions) -> Result<Ended, 
                 } else {
                     None
                 };
-                let ended = lanes.push(order, at, line.bad).await.map_err(stopped)?;
+                let ended = lanes
+                    .push(order, at, line.bad)
+                    .await
+                    .map_err(CommandError::Stopped)?;
                 for (outcome, bad) in ended {
                     ran(&p, outcome, bad, &mut report).await?;
                     bar.inc(1);
@@ -203,7 +202,7 @@ pub async fn run(input: &Path, replay: bool, opts: RunOptions) -> Result<Ended, 
             }
         }
     }
-    for (outcome, bad) in lanes.finish().await.map_err(stopped)? {
+    for (outcome, bad) in lanes.finish().await.map_err(CommandError::Stopped)? {
         ran(&p, outcome, bad, &mut report).await?;
         bar.inc(1);
     }
@@ -304,12 +303,16 @@ pub async fn demo(seed: u64, orders: usize, opts: RunOptions) -> Result<Ended, C
         let order = fhir::parse_medication_request(&v).map_err(StepError::from)?;
         // Judged when it reaches the pharmacy (for most orders, when it was written).
         let at = synth::arrival(&v).or(order.authored_on);
-        for (outcome, ()) in lanes.push(order, at, ()).await.map_err(stopped)? {
+        for (outcome, ()) in lanes
+            .push(order, at, ())
+            .await
+            .map_err(CommandError::Stopped)?
+        {
             report.add(outcome);
             bar.inc(1);
         }
     }
-    for (outcome, ()) in lanes.finish().await.map_err(stopped)? {
+    for (outcome, ()) in lanes.finish().await.map_err(CommandError::Stopped)? {
         report.add(outcome);
         bar.inc(1);
     }

@@ -300,17 +300,23 @@ impl Pipeline {
         };
         let rx_id = accepted.rx_id;
         let mut events: Vec<PipelineEvent> = event.into_iter().collect();
+        // One read for the report (and the pharmacist's decision); verify and dispense say
+        // what they changed. An order already stored is read before the queue steps, and again
+        // only if they carry it on.
+        let mut read = None;
         if accepted.duplicate && events.is_empty() {
             // An earlier run that stopped between the queue steps left the order validated
             // (intake itself sends a received one on again): carry it on from there.
             let stored = load_rx(&svc, &self.report_cx(), &tenant, &rx_id).await?;
             events = rx_platform::flow::redeliver(&stored, &[Status::Validated]);
+            read = Some(stored);
         }
         let resumed = !events.is_empty();
         drain(&svc, events).await?;
-        // One read for the report (and the pharmacist's decision); verify and dispense say
-        // what they changed.
-        let rx = load_rx(&svc, &self.report_cx(), &tenant, &rx_id).await?;
+        let rx = match read {
+            Some(stored) if !resumed => stored,
+            _ => load_rx(&svc, &self.report_cx(), &tenant, &rx_id).await?,
+        };
         let mut status = rx.status;
         let mut notes = Vec::new();
         let mut acted = false;

@@ -589,8 +589,8 @@ fn seal_now(
 struct ServeState {
     app: AppState,
     pipeline: Pipeline,
-    /// The key files the server opened (embedded deployment), checked by `/healthz`.
-    keys: Option<KeyFiles>,
+    /// The key files the server opened, checked by `/healthz`.
+    keys: KeyFiles,
 }
 
 impl FromRef<ServeState> for AppState {
@@ -602,7 +602,7 @@ impl FromRef<ServeState> for AppState {
 type Answer = Result<Response, StepError>;
 
 /// The router of every endpoint, wrapped in the shared HTTP layer.
-pub fn app(state: AppState, pipeline: Pipeline, keys: Option<KeyFiles>, limits: &Limits) -> Router {
+pub fn app(state: AppState, pipeline: Pipeline, keys: KeyFiles, limits: &Limits) -> Router {
     let svc = state.svc.clone();
     let routes = Router::new()
         .route("/healthz", get(healthz))
@@ -633,15 +633,15 @@ pub fn app(state: AppState, pipeline: Pipeline, keys: Option<KeyFiles>, limits: 
 /// Passes while the key files the server opened are in place and unchanged: with one removed or
 /// replaced, what it seals from then on could never be opened again (the keys live on in memory).
 async fn healthz(State(st): State<ServeState>) -> Response {
-    match st.keys.as_ref().map(KeyFiles::check) {
-        Some(Err(e)) => {
+    match st.keys.check() {
+        Err(e) => {
             tracing::error!(error = %e, "key files changed under the server");
             rxhttp::fhir(
                 StatusCode::SERVICE_UNAVAILABLE,
                 &json!({"status": "fail", "output": e.to_string()}),
             )
         }
-        _ => rxhttp::fhir(StatusCode::OK, &json!({"status": "pass"})),
+        Ok(()) => rxhttp::fhir(StatusCode::OK, &json!({"status": "pass"})),
     }
 }
 
@@ -1364,7 +1364,7 @@ pub async fn bind_with(args: &ServeArgs, limits: Limits) -> Result<Server, Serve
     let state = AppState::new(embedded.services, verifier, &config.tenant);
     let (pipeline, pipeline_done) =
         spawn_pipeline(state.svc.clone(), Resume::Pending, PIPELINE_QUEUE)?;
-    let router = app(state.clone(), pipeline, Some(keys.clone()), &limits);
+    let router = app(state.clone(), pipeline, keys.clone(), &limits);
     let listener = TcpListener::bind(args.addr)
         .await
         .map_err(|source| ServeError::Bind {
