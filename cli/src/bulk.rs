@@ -160,6 +160,7 @@ impl Export {
         let mut skipped: std::collections::BTreeMap<String, u64> = Default::default();
         for (fi, path) in files.iter().enumerate() {
             let name = file_name(path);
+            let holds = file_type(&name);
             lines(path, |l| {
                 let mut refuse = |raw: String, error: String| {
                     bad(BadLine {
@@ -177,6 +178,17 @@ impl Export {
                     }
                 };
                 match fhir::parse_json(&text) {
+                    // A bulk export file holds one resource type, the one its name gives: a line
+                    // of another type is a mistake, not a resource to take in.
+                    Ok(r) if holds.is_some_and(|t| t != r.type_name()) => refuse(
+                        text,
+                        format!(
+                            "is a {} in a file of {} resources: each file of a bulk export holds \
+                             the one resource type its name gives",
+                            r.type_name(),
+                            holds.unwrap_or_default()
+                        ),
+                    ),
                     Ok(Resource::MedicationRequest(o)) => orders.push(OrderAt {
                         authored_on: o.authored_on,
                         file: fi as u32,
@@ -295,6 +307,16 @@ impl Reader {
         self.open = Some((fi, r));
         Ok(String::from_utf8_lossy(&buf).into_owned())
     }
+}
+
+/// The resource type a bulk export file holds, from its name (`Patient.ndjson`,
+/// `Patient.000.ndjson`, as the Bulk Data spec names them), if the name gives one.
+fn file_type(name: &str) -> Option<&str> {
+    let stem = name.split('.').next()?;
+    let mut chars = stem.chars();
+    (chars.next().is_some_and(|c| c.is_ascii_uppercase())
+        && chars.all(|c| c.is_ascii_alphanumeric()))
+    .then_some(stem)
 }
 
 fn file_name(p: &Path) -> String {

@@ -63,6 +63,9 @@ pub struct Report {
     reason_statuses: BTreeMap<String, std::collections::BTreeSet<String>>,
 }
 
+/// Reason codes the human report lists (more than the demo's planned cases give).
+const TOP_REASONS: usize = 20;
+
 /// What a final status means, for the human report.
 fn gloss(status: &str) -> &'static str {
     match status {
@@ -194,13 +197,21 @@ impl Report {
             );
             let mut top: Vec<_> = self.reasons.iter().collect();
             top.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
-            for (k, v) in top.into_iter().take(12) {
+            let shown = top.len().min(TOP_REASONS);
+            let left = top.len() - shown;
+            for (k, v) in top.into_iter().take(shown) {
                 let statuses = self
                     .reason_statuses
                     .get(k)
                     .map(|set| set.iter().cloned().collect::<Vec<_>>().join(", "))
                     .unwrap_or_default();
                 line(&mut s, format!("  {k:<32} {v:>8}   {statuses}"));
+            }
+            if left > 0 {
+                line(
+                    &mut s,
+                    format!("  ({left} more reason codes: --json lists them all)"),
+                );
             }
         }
         if !self.alerts_by_kind.is_empty() {

@@ -467,3 +467,30 @@ fn a_key_file_removed_or_replaced_during_a_run_fails_the_run() {
         );
     }
 }
+
+/// A line of another resource type in a bulk export file (a Patient in MedicationRequest.ndjson)
+/// is named and kept aside like any bad line, never taken in as what it says it is: each file
+/// holds the one type its name gives. (Attack: it was registered as a patient, or counted as
+/// unused, and the run exited 0.)
+#[test]
+fn a_resource_in_the_file_of_another_type_is_named_and_kept_aside() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("export");
+    export(&input);
+    let orders = input.join("MedicationRequest.ndjson");
+    let mut bytes = std::fs::read(&orders).unwrap();
+    bytes.extend_from_slice(
+        br#"{"resourceType":"Patient","id":"pat-9","name":[{"family":"Misfiledson"}]}"#,
+    );
+    bytes.push(b'\n');
+    std::fs::write(&orders, bytes).unwrap();
+    let out = run_json(&input, &tmp.path().join("data"));
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("MedicationRequest.ndjson:9")
+            && err.contains("is a Patient in a file of MedicationRequest resources"),
+        "{err}"
+    );
+    assert!(!err.contains("Misfiledson"), "{err}");
+}

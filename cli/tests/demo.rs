@@ -189,4 +189,10 @@ fn demo_human_report_names_every_section() {
     ] {
         assert!(s.contains(want), "report lacks {want:?}:\n{s}");
     }
+    // Every reason a planned case gives is listed (the list was cut at 12 of 13).
+    for case in synth::Case::ALL {
+        if let Expected::Reason(code) = case.expected() {
+            assert!(s.contains(code), "report lacks reason {code}:\n{s}");
+        }
+    }
 }

@@ -50,6 +50,19 @@ pub enum Resource {
     Other(String),
 }
 
+impl Resource {
+    /// The FHIR resource type.
+    pub fn type_name(&self) -> &str {
+        match self {
+            Resource::MedicationRequest(_) => "MedicationRequest",
+            Resource::Patient(_) => "Patient",
+            Resource::Practitioner(_) => "Practitioner",
+            Resource::AllergyIntolerance { .. } => "AllergyIntolerance",
+            Resource::Other(kind) => kind,
+        }
+    }
+}
+
 /// What a `POST /prescriptions` body or a Bundle holds. Allergies stay beside the patients (by
 /// patient reference id) rather than inside them, as in a bulk export.
 #[derive(Debug, Clone, Default, PartialEq)]
